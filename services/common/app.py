@@ -1,0 +1,156 @@
+"""The core every service app shares: config, database, OpenAPI, errors, auth, ids, health, metrics."""
+from __future__ import annotations
+
+import hmac
+import http
+import re
+import uuid
+from collections.abc import Iterable
+
+from flask import Flask, Response, current_app, g, request
+from flask.views import MethodView
+from flask_smorest import Api, Blueprint
+from flask_smorest.utils import prepare_response
+
+from services.common import errors
+from services.common.config import Settings
+from services.common.db import PooledDatabase, get_db
+from services.common.logs import configure_logging
+from services.common.metrics import install_request_metrics, metrics_response
+
+PUBLIC_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "health.metrics"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ProblemApi(Api):
+    """flask-smorest, with every error documented as problem+json and handled by our handlers."""
+
+    ERROR_SCHEMA = errors.ProblemSchema
+
+    def _register_error_handlers(self) -> None:
+        errors.register_error_handlers(self._app)
+
+    def _register_responses(self) -> None:
+        for status in http.HTTPStatus:
+            response = {"description": status.phrase}
+            if status >= 400:
+                response["schema"] = self.ERROR_SCHEMA
+                prepare_response(response, self.spec, errors.PROBLEM_CONTENT_TYPE)
+            self.spec.components.response(status.name, response, lazy=True)
+        response = {"description": "Error, as problem details", "schema": self.ERROR_SCHEMA}
+        prepare_response(response, self.spec, errors.PROBLEM_CONTENT_TYPE)
+        self.spec.components.response(self.DEFAULT_ERROR_RESPONSE_NAME, response, lazy=True)
+
+
+health = Blueprint("health", __name__, description="Liveness, readiness and metrics")
+
+
+@health.route("/healthz")
+class Liveness(MethodView):
+    @health.response(200, content_type="application/json")
+    def get(self):
+        """The process is alive."""
+        return {"status": "ok"}
+
+
+@health.route("/readyz")
+class Readiness(MethodView):
+    @health.response(200, content_type="application/json")
+    def get(self):
+        """The process can serve: its database answers."""
+        with get_db().connection() as conn:
+            conn.execute("SELECT 1")
+        return {"status": "ready"}
+
+
+@health.route("/metrics")
+class Metrics(MethodView):
+    @health.response(200, content_type="text/plain")
+    def get(self):
+        """Prometheus metrics of this process (or all gunicorn workers)."""
+        return metrics_response()
+
+
+def create_service_app(service: str, title: str, blueprints: Iterable[Blueprint],
+                       test_config: dict | None = None, import_name: str = __name__) -> Flask:
+    """Build a service app: defaults, then environment, then `test_config`."""
+    app = Flask(import_name)
+    app.config.update(Settings.from_env().as_flask_config())
+    app.config.update(
+        API_TITLE=title,
+        API_VERSION="1.0.0",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        SERVICE_NAME=service,
+    )
+    app.config.update(test_config or {})
+    settings = Settings.from_flask_config(app.config)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["settings"] = settings
+
+    configure_logging(settings.log_level)
+    database = app.config.get("DATABASE") or PooledDatabase(
+        settings.database_url,
+        min_size=settings.db_pool_min_size,
+        max_size=settings.db_pool_max_size,
+        timeout_s=settings.db_pool_timeout_s,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+        name=f"dispatcher-{service}",
+    )
+    if isinstance(database, PooledDatabase):
+        database.open()
+    app.extensions["database"] = database
+
+    app.before_request(_assign_request_id)
+    app.before_request(_require_token)
+    app.before_request(_require_json_body)
+    app.after_request(_echo_request_id)
+    install_request_metrics(app, service)
+
+    api = ProblemApi(app)
+    api.register_blueprint(health)
+    for blueprint in blueprints:
+        api.register_blueprint(blueprint)
+    app.extensions["api"] = api
+    return app
+
+
+def _assign_request_id() -> None:
+    supplied = request.headers.get("X-Request-ID", "")
+    g.request_id = supplied if _REQUEST_ID.match(supplied) else str(uuid.uuid4())
+
+
+def _echo_request_id(response: Response) -> Response:
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    return response
+
+
+def _require_token() -> Response | None:
+    token = current_settings().api_token
+    if not token or request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(supplied.encode(), token.encode()):
+        return None
+    return errors.problem_response(
+        401, "A valid bearer token is required (Authorization: Bearer <token>).",
+        headers={"WWW-Authenticate": 'Bearer realm="dispatcher"'},
+    )
+
+
+def _require_json_body() -> Response | None:
+    if request.routing_exception or request.method not in BODY_METHODS or not request.content_length:
+        return None
+    if request.is_json:
+        return None
+    return errors.problem_response(
+        415, f"Request bodies must be application/json, not {request.mimetype or 'unspecified'}.")
+
+
+def current_settings() -> Settings:
+    """The settings of the app serving the current request."""
+    return current_app.extensions["settings"]

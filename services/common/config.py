@@ -1,0 +1,122 @@
+"""Settings read once from the environment, with explicit types and defaults for this machine."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+SERVICE_PORTS = {
+    "registry": 8101,
+    "orchestrator": 8102,
+    "prompt_builder": 8103,
+    "optimizer": 8104,
+}
+
+
+def _env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
+
+
+def _env_list(name: str, default: str) -> tuple[str, ...]:
+    raw = os.environ.get(name, default)
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _service_url(service: str) -> str:
+    env_name = f"{service.upper()}_URL"
+    return os.environ.get(env_name, f"http://127.0.0.1:{SERVICE_PORTS[service]}").rstrip("/")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, parsed from the environment by `Settings.from_env()`."""
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/dispatcher"
+    db_pool_min_size: int = 1
+    db_pool_max_size: int = 10
+    db_pool_timeout_s: float = 5.0
+    db_statement_timeout_ms: int = 30_000
+    api_token: str = ""
+    log_level: str = "INFO"
+    max_request_bytes: int = 1_048_576
+    max_prompt_chars: int = 100_000
+    http_timeout_s: float = 10.0
+    http_retries: int = 2
+    registry_url: str = "http://127.0.0.1:8101"
+    orchestrator_url: str = "http://127.0.0.1:8102"
+    prompt_builder_url: str = "http://127.0.0.1:8103"
+    optimizer_url: str = "http://127.0.0.1:8104"
+    n8n_url: str = "http://127.0.0.1:5678"
+    runtime_drivers: tuple[str, ...] = ("process", "external")
+    host_cpu_cores: float = float(os.cpu_count() or 1)
+    host_memory_mb: int = 8192
+    host_gpu_count: float = 0.0
+    docker_url: str = "unix:///var/run/docker.sock"
+    runtime_dir: str = str(PROJECT_ROOT / ".run" / "runtimes")
+    models_dir: str = str(PROJECT_ROOT / ".run" / "models")
+    default_keep_alive_s: int = 300
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            database_url=_env_str("DATABASE_URL", cls.database_url),
+            db_pool_min_size=_env_int("DB_POOL_MIN_SIZE", cls.db_pool_min_size),
+            db_pool_max_size=_env_int("DB_POOL_MAX_SIZE", cls.db_pool_max_size),
+            db_pool_timeout_s=_env_float("DB_POOL_TIMEOUT_S", cls.db_pool_timeout_s),
+            db_statement_timeout_ms=_env_int("DB_STATEMENT_TIMEOUT_MS", cls.db_statement_timeout_ms),
+            api_token=_env_str("DISPATCHER_API_TOKEN", ""),
+            log_level=_env_str("LOG_LEVEL", cls.log_level).upper(),
+            max_request_bytes=_env_int("MAX_REQUEST_BYTES", cls.max_request_bytes),
+            max_prompt_chars=_env_int("MAX_PROMPT_CHARS", cls.max_prompt_chars),
+            http_timeout_s=_env_float("HTTP_TIMEOUT_S", cls.http_timeout_s),
+            http_retries=_env_int("HTTP_RETRIES", cls.http_retries),
+            registry_url=_service_url("registry"),
+            orchestrator_url=_service_url("orchestrator"),
+            prompt_builder_url=_service_url("prompt_builder"),
+            optimizer_url=_service_url("optimizer"),
+            n8n_url=_env_str("N8N_URL", cls.n8n_url).rstrip("/"),
+            runtime_drivers=_env_list("RUNTIME_DRIVERS", ",".join(cls.runtime_drivers)),
+            host_cpu_cores=_env_float("HOST_CPU_CORES", float(os.cpu_count() or 1)),
+            host_memory_mb=_env_int("HOST_MEMORY_MB", cls.host_memory_mb),
+            host_gpu_count=_env_float("HOST_GPU_COUNT", cls.host_gpu_count),
+            docker_url=_env_str("DOCKER_URL", cls.docker_url),
+            runtime_dir=_env_str("RUNTIME_DIR", cls.runtime_dir),
+            models_dir=_env_str("MODELS_DIR", cls.models_dir),
+            default_keep_alive_s=_env_int("DEFAULT_KEEP_ALIVE_S", cls.default_keep_alive_s),
+        )
+
+    def as_flask_config(self) -> dict:
+        """Upper-case keys, the form Flask's `app.config` uses."""
+        return {key.upper(): value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_flask_config(cls, config: dict) -> Settings:
+        """The settings an app runs with, after `test_config` overrides."""
+        return cls(**{f.name: config[f.name.upper()] for f in fields(cls)})
+
+
+def service_port(service: str) -> int:
+    """The port a service listens on: `<SERVICE>_PORT` or its default."""
+    return _env_int(f"{service.upper()}_PORT", SERVICE_PORTS[service])

@@ -1,0 +1,78 @@
+"""One connection pool per process; a `Database` hands out connections that commit or roll back."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import psycopg
+from flask import current_app
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+
+class Database(Protocol):
+    """What services need from the database: a connection in a transaction."""
+
+    def connection(self) -> Iterator[psycopg.Connection]: ...
+
+    def close(self) -> None: ...
+
+
+class PooledDatabase:
+    """A `psycopg_pool.ConnectionPool`; `connection()` commits on success, rolls back on error."""
+
+    def __init__(self, conninfo: str, *, min_size: int = 1, max_size: int = 10,
+                 timeout_s: float = 5.0, statement_timeout_ms: int = 30_000,
+                 name: str = "dispatcher") -> None:
+        self.pool = ConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout_s,
+            open=False,
+            name=name,
+            check=ConnectionPool.check_connection,
+            kwargs={
+                "row_factory": dict_row,
+                "options": f"-c statement_timeout={statement_timeout_ms}",
+                "application_name": name,
+            },
+        )
+
+    def open(self) -> None:
+        # wait=False: a service starts even while Postgres is down; /readyz says so.
+        self.pool.open(wait=False)
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        with self.pool.connection() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class SingleConnectionDatabase:
+    """One caller-owned connection; each `connection()` is a savepoint (used by tests, scripts)."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        with self.conn.transaction():
+            yield self.conn
+
+    def close(self) -> None:
+        pass
+
+
+def connect(conninfo: str, **kwargs) -> psycopg.Connection:
+    """A plain connection returning dict rows (scripts, migrations, tests)."""
+    return psycopg.connect(conninfo, row_factory=dict_row, **kwargs)
+
+
+def get_db() -> Database:
+    """The database of the current app."""
+    return current_app.extensions["database"]

@@ -1,0 +1,48 @@
+"""Outbound HTTP: a requests Session with urllib3 retries and a timeout on every call."""
+from __future__ import annotations
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+class TimeoutSession(requests.Session):
+    """A Session that never waits forever: a call without `timeout=` gets the default."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.default_timeout = timeout_s
+
+    def request(self, method, url, **kwargs):
+        kwargs.setdefault("timeout", self.default_timeout)
+        return super().request(method, url, **kwargs)
+
+
+def http_session(*, timeout_s: float = 10.0, retries: int = 2, backoff_s: float = 0.2,
+                 retry_methods: frozenset[str] = IDEMPOTENT_METHODS,
+                 token: str = "", pool_size: int = 32) -> TimeoutSession:
+    """A session for calling the other services and model servers.
+
+    Retries connection failures and 502/503/504 for idempotent methods only, so a POST that
+    reached a model server is never sent twice.
+    """
+    retry = Retry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        backoff_factor=backoff_s,
+        status_forcelist=(502, 503, 504),
+        allowed_methods=retry_methods,
+        raise_on_status=False,
+        respect_retry_after_header=True,
+    )
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
+    session = TimeoutSession(timeout_s)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    return session
