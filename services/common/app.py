@@ -46,7 +46,7 @@ class ProblemApi(Api):
 health = Blueprint("health", __name__, description="Liveness, readiness and metrics")
 
 
-@health.route("/healthz")
+@health.route("/healthz", endpoint="healthz")
 class Liveness(MethodView):
     @health.response(200, content_type="application/json")
     def get(self):
@@ -54,7 +54,7 @@ class Liveness(MethodView):
         return {"status": "ok"}
 
 
-@health.route("/readyz")
+@health.route("/readyz", endpoint="readyz")
 class Readiness(MethodView):
     @health.response(200, content_type="application/json")
     def get(self):
@@ -64,7 +64,7 @@ class Readiness(MethodView):
         return {"status": "ready"}
 
 
-@health.route("/metrics")
+@health.route("/metrics", endpoint="metrics")
 class Metrics(MethodView):
     @health.response(200, content_type="text/plain")
     def get(self):
