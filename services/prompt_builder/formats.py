@@ -61,14 +61,10 @@ def json_schema_problem(schema: Any) -> str | None:
 
 
 def check_format(output_format: str, json_schema: dict | None) -> None:
-    """Raise Unprocessable for an unknown format, or a schema that is invalid or given without json."""
+    """Raise Unprocessable for an unknown format, or an invalid schema with json (the one format using it)."""
     if output_format not in FORMATS:
         raise Unprocessable(f"Unknown output_format {output_format!r}.", allowed=list(FORMATS))
-    if json_schema is None:
-        return
-    if output_format != "json":
-        raise Unprocessable("json_schema is only allowed with output_format 'json'.")
-    problem = json_schema_problem(json_schema)
+    problem = None if json_schema is None or output_format != "json" else json_schema_problem(json_schema)
     if problem:
         raise Unprocessable(problem)
 

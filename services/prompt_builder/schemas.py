@@ -20,23 +20,19 @@ def _template_text(requires_prompt: bool):
     return check
 
 
-def _json_schema(schema: dict) -> None:
-    problem = formats.json_schema_problem(schema)
-    if problem:
-        raise ValidationError(problem)
-
-
 def _system_template(**kwargs) -> fields.String:
-    return fields.String(validate=[validate.Length(max=MAX_TEMPLATE_CHARS), _template_text(False)], **kwargs)
+    return fields.String(validate=[validate.Length(max=MAX_TEMPLATE_CHARS), _template_text(False)],
+                         metadata={"pattern": templates.TEMPLATE_PATTERN}, **kwargs)
 
 
 def _user_template(**kwargs) -> fields.String:
+    # The pattern documents the grammar; the validator says what is wrong in words.
     return fields.String(validate=[validate.Length(min=1, max=MAX_TEMPLATE_CHARS), _template_text(True)],
-                         **kwargs)
+                         metadata={"pattern": templates.USER_TEMPLATE_PATTERN}, **kwargs)
 
 
 JSON_SCHEMA_DOC = {"description": "A JSON Schema (Draft 2020-12) the JSON output must conform to; "
-                                  "only with output_format json"}
+                                  "checked and used only when output_format is json"}
 
 
 class TemplateSchema(Schema):
@@ -94,6 +90,11 @@ class TemplatePatchSchema(Schema):
             raise ValidationError("Give at least one of system_template, user_template, description, active.")
 
 
+# Values of the extra placeholders a template may use; a template that uses one requires it.
+VariablesSchema = Schema.from_dict({name: fields.String() for name in templates.EXTRA_VARIABLES},
+                                   name="Variables")
+
+
 class BuildRequestSchema(Schema):
     prompt = fields.String(required=True, validate=validate.Length(min=1))
     task_type = fields.String(required=True, validate=validate.OneOf(templates.TASK_TYPES))
@@ -101,14 +102,12 @@ class BuildRequestSchema(Schema):
                           metadata={"example": "llama2:13b"})
     protocol = fields.String(load_default="openai", validate=validate.OneOf(formats.PROTOCOLS))
     output_format = fields.String(load_default="text", validate=validate.OneOf(formats.FORMATS))
-    json_schema = fields.Dict(load_default=None, allow_none=True, validate=_json_schema, metadata=JSON_SCHEMA_DOC)
-    variables = fields.Dict(keys=fields.String(validate=validate.OneOf(templates.EXTRA_VARIABLES)),
-                            values=fields.String(), load_default=dict,
-                            metadata={"description": "Values of the extra placeholders a template may use"})
+    json_schema = fields.Dict(load_default=None, allow_none=True, metadata=JSON_SCHEMA_DOC)
+    variables = fields.Nested(VariablesSchema, load_default=dict)
 
     @validates_schema
-    def _schema_needs_json(self, data: dict, **kwargs) -> None:
-        _check_schema_with_format(data)
+    def _check_json_schema(self, data: dict, **kwargs) -> None:
+        _check_json_schema(data)
 
 
 class MessageSchema(Schema):
@@ -135,11 +134,11 @@ class BuiltPromptSchema(Schema):
 class ParseRequestSchema(Schema):
     raw = fields.String(required=True, validate=validate.Length(max=MAX_RAW_CHARS))
     output_format = fields.String(required=True, validate=validate.OneOf(formats.FORMATS))
-    json_schema = fields.Dict(load_default=None, allow_none=True, validate=_json_schema, metadata=JSON_SCHEMA_DOC)
+    json_schema = fields.Dict(load_default=None, allow_none=True, metadata=JSON_SCHEMA_DOC)
 
     @validates_schema
-    def _schema_needs_json(self, data: dict, **kwargs) -> None:
-        _check_schema_with_format(data)
+    def _check_json_schema(self, data: dict, **kwargs) -> None:
+        _check_json_schema(data)
 
 
 class ReasonSchema(Schema):
@@ -158,6 +157,8 @@ class ParsedOutputSchema(Schema):
     language = fields.String(required=True, allow_none=True)
 
 
-def _check_schema_with_format(data: dict) -> None:
-    if data.get("json_schema") is not None and data.get("output_format") != "json":
-        raise ValidationError("json_schema is only allowed with output_format json.", "json_schema")
+def _check_json_schema(data: dict) -> None:
+    if data.get("output_format") == "json" and data.get("json_schema") is not None:
+        problem = formats.json_schema_problem(data["json_schema"])
+        if problem:
+            raise ValidationError(problem, "json_schema")

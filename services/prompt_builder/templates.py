@@ -28,6 +28,10 @@ CONTENT_FIELDS = ("system_template", "user_template", "description")
 FAMILY_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(:[A-Za-z0-9._-]{1,63})?$"
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+# The same grammar as a regular expression, for the OpenAPI document (clients and fuzzers).
+_TOKEN = r"(?:[^{}]|\{\{|\}\}|\{(?:" + "|".join(PLACEHOLDERS) + r")\})"
+TEMPLATE_PATTERN = rf"^{_TOKEN}*$"
+USER_TEMPLATE_PATTERN = rf"^{_TOKEN}*\{{prompt\}}{_TOKEN}*$"
 _MODEL = re.compile(MODEL_PATTERN)
 
 

@@ -136,8 +136,15 @@ def test_an_invalid_schema_or_format_is_a_request_error_not_an_output_error():
     assert (caught.value.detail, caught.value.extensions) == (
         "Unknown output_format 'yaml'.", {"allowed": ["json", "markdown", "code", "text"]})
     with pytest.raises(Unprocessable) as caught:
-        check_format("text", {"type": "object"})
-    assert caught.value.detail == "json_schema is only allowed with output_format 'json'."
+        check_format("json", {"type": "foo"})
+    assert caught.value.detail.startswith("json_schema is not a valid JSON Schema")
+
+
+def test_a_schema_only_applies_to_json():
+    assert parse_output("Paris", "text", {"type": "object"}) == ParsedOutput(True, "Paris")
+    assert parse_output("Paris", "text", {"type": "foo"}) == ParsedOutput(True, "Paris")
+    assert backend_options("text", "openai", {"type": "object"}) == {}
+    assert format_instructions("markdown", {"type": "object"}) == "Format your answer in Markdown."
 
 
 def test_an_unresolvable_reference_is_a_request_error():

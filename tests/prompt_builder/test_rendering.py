@@ -1,11 +1,14 @@
 """Safe template rendering and validation at save time (no database)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from services.common.errors import Unprocessable
-from services.prompt_builder.templates import (parse_template, placeholder_names, render,
-                                               template_text_problems, validate_template)
+from services.prompt_builder.templates import (TEMPLATE_PATTERN, USER_TEMPLATE_PATTERN, parse_template,
+                                               placeholder_names, render, template_text_problems,
+                                               validate_template)
 
 UNKNOWN = "allowed: prompt, format_instructions, task_type, model, model_family, context, language, " \
           "labels, examples, history"
@@ -74,3 +77,12 @@ def test_a_missing_variable_is_a_422_naming_it():
         render("{context}: {prompt} in {language}", {"prompt": "x"})
     assert caught.value.detail == "Missing template variable(s): context, language."
     assert caught.value.extensions == {"missing": ["context", "language"]}
+
+
+@pytest.mark.parametrize("text", [
+    "{prompt}", "{{prompt}}", "{{{prompt}}}", "a {prompt} {context} }}", "{prompt} {", "{prompt} {x}",
+    "x", "{prompt}}", "{prompt.x}", "{prompt!r}", "{model} {prompt} {history}{examples}",
+])
+def test_the_documented_patterns_agree_with_the_validator(text):
+    assert bool(re.match(USER_TEMPLATE_PATTERN, text)) == (not template_text_problems(text, requires_prompt=True))
+    assert bool(re.match(TEMPLATE_PATTERN, text)) == (not template_text_problems(text))
