@@ -8,6 +8,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from jsonschema_specifications import REGISTRY as META_SCHEMAS
 from referencing.exceptions import Unresolvable
 
 from services.common.errors import Unprocessable
@@ -238,7 +239,9 @@ def _balanced_end(text: str, start: int) -> int | None:
 
 
 def _schema_violations(value: Any, json_schema: dict) -> list[dict]:
-    validator = Draft202012Validator(json_schema)
+    # Only the bundled meta-schemas: jsonschema's default registry would fetch a remote $ref,
+    # letting a request make this service call any URL.
+    validator = Draft202012Validator(json_schema, registry=META_SCHEMAS)
     try:
         errors = sorted(validator.iter_errors(value), key=lambda e: ([str(p) for p in e.absolute_path], e.message))
     except Unresolvable as error:

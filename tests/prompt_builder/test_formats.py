@@ -1,6 +1,9 @@
 """Output formats: instructions, backend options, parsing real and synthetic model output (no database)."""
 from __future__ import annotations
 
+import http.server
+import threading
+
 import pytest
 
 from services.common.errors import Unprocessable
@@ -149,8 +152,40 @@ def test_a_schema_only_applies_to_json():
 
 def test_an_unresolvable_reference_is_a_request_error():
     with pytest.raises(Unprocessable) as caught:
-        parse_output("{}", "json", {"$ref": "https://example.invalid/schema.json"})
+        parse_output("{}", "json", {"$ref": "#/$defs/missing"})
     assert caught.value.detail.startswith("json_schema has a reference that cannot be resolved")
+
+
+def test_a_remote_reference_is_never_fetched():
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            body = b'{"type": "string"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(Unprocessable) as caught:
+            parse_output("{}", "json", {"$ref": f"http://127.0.0.1:{server.server_port}/schema.json"})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert caught.value.detail.startswith("json_schema has a reference that cannot be resolved")
+    assert requests == []
+    # Draft references resolve from the bundled meta-schemas.
+    assert parse_output("{}", "json", {"$ref": "https://json-schema.org/draft/2020-12/schema"}).valid
 
 
 # --- code ----------------------------------------------------------------------------------------
