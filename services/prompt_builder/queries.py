@@ -29,12 +29,19 @@ def get_template(conn: psycopg.Connection, template_id: str) -> dict | None:
                         (template_id,)).fetchone()
 
 
-def lock_family_versions(conn: psycopg.Connection, task_type: str, model_family: str) -> list[dict]:
-    """Every version of one (task type, family), locked so concurrent new versions queue up."""
+def lock_family(conn: psycopg.Connection, task_type: str, model_family: str) -> None:
+    """Serialise version changes of one (task type, family) until the transaction ends."""
+    # An advisory lock also covers a pair with no row yet; statements after it see what the
+    # previous holder committed.
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                 (f"prompt_templates/{task_type}/{model_family}",))
+
+
+def latest_version(conn: psycopg.Connection, task_type: str, model_family: str) -> dict | None:
     return conn.execute(
         f"""SELECT {COLUMNS} FROM prompt_templates
-            WHERE task_type = %s AND model_family = %s ORDER BY version FOR UPDATE""",
-        (task_type, model_family)).fetchall()
+            WHERE task_type = %s AND model_family = %s ORDER BY version DESC LIMIT 1""",
+        (task_type, model_family)).fetchone()
 
 
 def deactivate_family(conn: psycopg.Connection, task_type: str, model_family: str) -> None:

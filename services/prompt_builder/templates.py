@@ -73,7 +73,7 @@ def parse_template(text: str) -> list[tuple[str, str | None]]:
         if name is not None:
             if conversion is not None or spec:
                 raise ValueError(f"{{{name}}} has a conversion or format spec; only {{name}} is allowed")
-            if not _NAME.match(name):
+            if not _NAME.fullmatch(name):
                 raise ValueError(f"{{{name}}} is not a plain name (no attribute or index access, "
                                  "no positional fields)")
         pieces.append((literal, name))
@@ -153,9 +153,9 @@ def create_template(conn: psycopg.Connection, *, task_type: str, model_family: s
                     active: bool = True) -> dict:
     """Version 1 of a new (task type, family) template; Conflict if that pair already has versions."""
     validate_template(system_template, user_template)
-    versions = queries.lock_family_versions(conn, task_type, model_family)
-    if versions:
-        latest = versions[-1]
+    queries.lock_family(conn, task_type, model_family)
+    latest = queries.latest_version(conn, task_type, model_family)
+    if latest:
         raise Conflict(f"A template for ({task_type}, {model_family}) exists; PATCH /templates/"
                        f"{latest['id']} to add a version.", template_id=str(latest["id"]))
     return queries.insert_template(conn, task_type=task_type, model_family=model_family, version=1,
@@ -167,7 +167,8 @@ def update_template(conn: psycopg.Connection, template_id: str, changes: Mapping
     """Apply a PATCH: content changes make a new version, `active` alone toggles; (row, created)."""
     current = get_template(conn, template_id)
     task_type, family = current["task_type"], current["model_family"]
-    versions = queries.lock_family_versions(conn, task_type, family)
+    queries.lock_family(conn, task_type, family)
+    current = get_template(conn, template_id)  # as the previous lock holder left it
     content = {name: changes[name] for name in CONTENT_FIELDS if name in changes}
     if not content and "active" not in changes:
         raise Unprocessable("Nothing to change: give template text, a description or active.")
@@ -177,8 +178,9 @@ def update_template(conn: psycopg.Connection, template_id: str, changes: Mapping
         active = changes.get("active", True)
         if active:
             queries.deactivate_family(conn, task_type, family)
-        row = queries.insert_template(conn, task_type=task_type, model_family=family,
-                                      version=versions[-1]["version"] + 1, active=active, **merged)
+        version = queries.latest_version(conn, task_type, family)["version"] + 1
+        row = queries.insert_template(conn, task_type=task_type, model_family=family, version=version,
+                                      active=active, **merged)
         return row, True
     if changes["active"] == current["active"]:
         return current, False
@@ -193,7 +195,7 @@ def update_template(conn: psycopg.Connection, template_id: str, changes: Mapping
 
 def model_family(model: str) -> str:
     """The family of a model name: 'llama2:13b' -> 'llama2'."""
-    if not _MODEL.match(model):
+    if not _MODEL.fullmatch(model):
         raise Unprocessable(f"{model!r} is not a model name like 'llama2:13b'.")
     return model.split(":", 1)[0].lower()
 

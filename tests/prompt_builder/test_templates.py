@@ -1,10 +1,13 @@
 """Template storage, versions, family resolution and building prompts, on the seeded database."""
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import pytest
 
+from services.common.db import connect
 from services.common.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from services.prompt_builder import templates
 from services.prompt_builder.templates import BuiltPrompt, PromptRequest, build_prompt
@@ -154,6 +157,7 @@ def test_extra_variables_fill_the_template_and_missing_ones_are_named(conn):
      {"allowed": list(templates.EXTRA_VARIABLES)}),
     ({"variables": {"context": 3}}, "Variable values must be strings.", {}),
     ({"model": "../etc/passwd"}, "'../etc/passwd' is not a model name like 'llama2:13b'.", {}),
+    ({"model": "llama2\n"}, "'llama2\\n' is not a model name like 'llama2:13b'.", {}),
 ])
 def test_bad_requests_are_422_listing_allowed_values(conn, request_fields, detail, extensions):
     with pytest.raises(Unprocessable) as caught:
@@ -248,3 +252,37 @@ def test_an_unknown_id_is_not_found(conn):
     with pytest.raises(NotFound) as caught:
         templates.get_template(conn, missing)
     assert caught.value.detail == f"No prompt template has id {missing}."
+
+
+def test_concurrent_patches_make_consecutive_versions(fresh_database_url):
+    with connect(fresh_database_url, autocommit=True) as setup:
+        v1 = seeded(setup, "text-generation", "llama2")
+    results = {}
+    with connect(fresh_database_url) as first, connect(fresh_database_url) as second:
+        second_pid = second.info.backend_pid
+
+        def patch_second():
+            with second.transaction():
+                results["second"] = templates.update_template(second, v1["id"], {"description": "second"})[0]
+
+        with first.transaction():
+            results["first"] = templates.update_template(first, v1["id"], {"description": "first"})[0]
+            thread = threading.Thread(target=patch_second)
+            thread.start()
+            _wait_until_waiting_for_a_lock(first, second_pid)
+        thread.join()
+        rows = first.execute("SELECT version, description, active FROM prompt_templates WHERE "
+                             "task_type = 'text-generation' AND model_family = 'llama2' ORDER BY version").fetchall()
+    assert rows == [{"version": 1, "description": v1["description"], "active": False},
+                    {"version": 2, "description": "first", "active": False},
+                    {"version": 3, "description": "second", "active": True}]
+
+
+def _wait_until_waiting_for_a_lock(conn, pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+        if row and row["wait_event_type"] == "Lock":
+            return
+        time.sleep(0.01)
+    raise AssertionError("the second transaction never waited for the family lock")
