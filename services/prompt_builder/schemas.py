@@ -48,7 +48,8 @@ class TemplateSchema(Schema):
     active = fields.Boolean(required=True)
     created_at = fields.DateTime(required=True)
     placeholders = fields.Function(
-        lambda row: templates.placeholder_names(row["system_template"] + row["user_template"]),
+        lambda row: list(dict.fromkeys(templates.placeholder_names(row["system_template"])
+                                       + templates.placeholder_names(row["user_template"]))),
         required=True, metadata={"type": "array", "items": {"type": "string"},
                                  "description": "The placeholders the template uses"})
 

@@ -9,6 +9,7 @@ import pytest
 
 from services.common.db import connect
 from services.common.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from services.common.migrate import migrate
 from services.prompt_builder import templates
 from services.prompt_builder.templates import BuiltPrompt, PromptRequest, build_prompt
 
@@ -286,3 +287,17 @@ def _wait_until_waiting_for_a_lock(conn, pid: int) -> None:
             return
         time.sleep(0.01)
     raise AssertionError("the second transaction never waited for the family lock")
+
+
+def test_seeding_again_leaves_templates_and_their_new_versions_alone(fresh_database_url):
+    with connect(fresh_database_url, autocommit=True) as conn:
+        v1 = seeded(conn, "code-generation", "codellama")
+        with conn.transaction():
+            v2, _ = templates.update_template(conn, v1["id"], {"description": "edited"})
+        migrate(conn, seed=True)
+        rows = conn.execute("SELECT id, version, active FROM prompt_templates "
+                            "WHERE task_type = 'code-generation' AND model_family = 'codellama' "
+                            "ORDER BY version").fetchall()
+        total = conn.execute("SELECT count(*) AS n FROM prompt_templates").fetchone()["n"]
+    assert rows == [{"id": v1["id"], "version": 1, "active": False}, {"id": v2["id"], "version": 2, "active": True}]
+    assert total == 24
