@@ -8,4 +8,6 @@ from services.common.app import create_service_app
 
 def create_app(test_config: dict | None = None) -> Flask:
     """The Prompt builder service app (gunicorn: 'services.prompt_builder:create_app()')."""
-    return create_service_app("prompt_builder", "Prompt builder", [], test_config, import_name=__name__)
+    from services.prompt_builder.api import blp
+
+    return create_service_app("prompt_builder", "Prompt builder", [blp], test_config, import_name=__name__)

@@ -1,0 +1,300 @@
+"""Output formats: what to ask the model for, which backend options constrain it, and checking what came back."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from jsonschema_specifications import REGISTRY as META_SCHEMAS
+from referencing.exceptions import Unresolvable
+
+from services.common.errors import Unprocessable
+
+FORMATS = ("json", "markdown", "code", "text")
+PROTOCOLS = ("openai", "ollama")
+# The name OpenAI's response_format requires for a schema; it only labels the schema.
+RESPONSE_SCHEMA_NAME = "response"
+MAX_SCHEMA_ERRORS = 20
+# Candidate JSON spans tried in prose before giving up: bounds the work on adversarial text.
+MAX_JSON_CANDIDATES = 50
+REPAIR_QUOTE_CHARS = 1000
+
+_FENCE = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})[ \t]*([^\s`]*)[^\n]*$", re.MULTILINE)
+_BLANK_RUN = re.compile(r"\n{3,}")
+_CLOSERS = {"{": "}", "[": "]"}
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """What a model returned, checked against the requested format."""
+
+    valid: bool
+    value: Any
+    reasons: list[dict] = field(default_factory=list)
+    language: str | None = None
+
+
+@dataclass(frozen=True)
+class CodeBlock:
+    """One fenced block of a text: info-string language, content, whether closed, and its span."""
+
+    language: str | None
+    content: str
+    closed: bool
+    start: int
+    end: int
+
+
+def json_schema_problem(schema: Any) -> str | None:
+    """Why `schema` is not a usable Draft 2020-12 JSON Schema, or None when it is."""
+    if not isinstance(schema, dict):
+        return "json_schema must be a JSON object."
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        return f"json_schema is not a valid JSON Schema (Draft 2020-12): {error.message}"
+    except RecursionError:
+        return "json_schema is nested too deeply."
+    return None
+
+
+def check_format(output_format: str, json_schema: dict | None) -> None:
+    """Raise Unprocessable for an unknown format, or an invalid schema with json (the one format using it)."""
+    if output_format not in FORMATS:
+        raise Unprocessable(f"Unknown output_format {output_format!r}.", allowed=list(FORMATS))
+    problem = None if json_schema is None or output_format != "json" else json_schema_problem(json_schema)
+    if problem:
+        raise Unprocessable(problem)
+
+
+def format_instructions(output_format: str, json_schema: dict | None = None,
+                        language: str | None = None) -> str:
+    """The sentence(s) that tell the model how to shape its answer."""
+    if output_format == "json":
+        text = "Respond with only valid JSON: no prose before or after it, no code fences."
+        if json_schema is not None:
+            text += " The JSON must conform to this JSON Schema:\n" + json.dumps(json_schema, sort_keys=True)
+        return text
+    if output_format == "code":
+        fence = f"```{language}" if language else "```"
+        return (f"Respond with only the code, in one fenced code block ({fence} ... ```), "
+                "without explanations.")
+    if output_format == "markdown":
+        return "Format your answer in Markdown."
+    return "Answer in plain text, without Markdown."
+
+
+def backend_options(output_format: str, protocol: str, json_schema: dict | None = None) -> dict:
+    """Generation options that make the server constrain the output, where the protocol can."""
+    if output_format != "json":
+        return {}
+    if protocol == "ollama":
+        return {"format": json_schema if json_schema is not None else "json"}
+    if json_schema is not None:
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": RESPONSE_SCHEMA_NAME, "schema": json_schema}}}
+    return {"response_format": {"type": "json_object"}}
+
+
+def parse_output(raw: str, output_format: str, json_schema: dict | None = None) -> ParsedOutput:
+    """Extract and check the value of a model's raw answer; invalid output is reported, never raised."""
+    check_format(output_format, json_schema)
+    if not raw.strip():
+        return ParsedOutput(False, None if output_format == "json" else "",
+                            [_reason("empty_output", "The model returned no content.")])
+    if output_format == "json":
+        return _parse_json(raw, json_schema)
+    if output_format == "code":
+        return _parse_code(raw)
+    if output_format == "markdown":
+        return _parse_markdown(raw)
+    return ParsedOutput(True, raw.strip())
+
+
+def repair_prompt(raw: str, parsed: ParsedOutput, output_format: str,
+                  json_schema: dict | None = None) -> str:
+    """The follow-up user message asking the model to fix an answer that did not validate."""
+    problems = "\n".join(_describe(reason) for reason in parsed.reasons) or "- It was not usable."
+    quoted = raw if len(raw) <= REPAIR_QUOTE_CHARS else raw[:REPAIR_QUOTE_CHARS] + "\n[...]"
+    return (f"Your previous answer could not be used:\n{problems}\n\n"
+            f"Previous answer:\n<<<\n{quoted}\n>>>\n\n"
+            f"Answer again. {format_instructions(output_format, json_schema, parsed.language)}")
+
+
+def code_blocks(text: str) -> list[CodeBlock]:
+    """The fenced code blocks of a Markdown text, in order; an unclosed one runs to the end."""
+    blocks = []
+    position = 0
+    while opening := _FENCE.search(text, position):
+        marker, info = opening.group(1), opening.group(2)
+        start = opening.end() + 1
+        closing = re.compile(rf"^[ \t]{{0,3}}{re.escape(marker[0])}{{{len(marker)},}}[ \t]*$", re.MULTILINE)
+        end = closing.search(text, start)
+        content = text[start:end.start() if end else len(text)]
+        blocks.append(CodeBlock(info.lower() or None, content.rstrip("\n"), end is not None,
+                                opening.start(), end.end() if end else len(text)))
+        if not end:
+            break
+        position = end.end()
+    return blocks
+
+
+def _describe(reason: dict) -> str:
+    path = reason.get("path")
+    return f"- at {path or '/'}: {reason['message']}" if path is not None else f"- {reason['message']}"
+
+
+def _reason(code: str, message: str, path: str | None = None) -> dict:
+    reason = {"code": code, "message": message}
+    if path is not None:
+        reason["path"] = path
+    return reason
+
+
+def _parse_json(raw: str, json_schema: dict | None) -> ParsedOutput:
+    value, problem = _extract_json(raw)
+    if problem:
+        return ParsedOutput(False, None, [problem])
+    if json_schema is None:
+        return ParsedOutput(True, value)
+    violations = _schema_violations(value, json_schema)
+    return ParsedOutput(not violations, value, violations)
+
+
+def _extract_json(raw: str) -> tuple[Any, dict | None]:
+    """The JSON value of the whole text, else of a ```json fence, else the first balanced span in prose."""
+    candidates = [raw.strip()]
+    candidates += [block.content for block in code_blocks(raw) if block.language in (None, "json")]
+    first_error = None
+    for candidate in candidates:
+        value, error = _loads(candidate)
+        if error is None:
+            return value, None
+        if candidate.lstrip()[:1] in ("{", "[") and first_error is None:
+            first_error = error
+    for span in _json_spans(raw):
+        value, error = _loads(span)
+        if error is None:
+            return value, None
+        first_error = first_error or error
+    if first_error:
+        return None, _reason("json_syntax", f"The JSON does not parse: {first_error}")
+    return None, _reason("no_json_found", "No JSON object or array was found in the output.")
+
+
+def _loads(text: str) -> tuple[Any, str | None]:
+    try:
+        return json.loads(text, parse_constant=_reject_constant), None
+    except ValueError as error:
+        return None, str(error)
+    except RecursionError:
+        return None, "it is nested too deeply"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_spans(text: str):
+    """Balanced {...} / [...] spans, skipping string contents; a failed span is skipped whole."""
+    position = 0
+    for _ in range(MAX_JSON_CANDIDATES):
+        start = min((i for i in (text.find("{", position), text.find("[", position)) if i >= 0), default=-1)
+        if start < 0:
+            return
+        end = _balanced_end(text, start)
+        if end is None:
+            # Unbalanced to the end (often a truncated answer): report it rather than a fragment of it.
+            yield text[start:]
+            return
+        yield text[start:end]
+        position = end
+
+
+def _balanced_end(text: str, start: int) -> int | None:
+    stack = []
+    in_string = escaped = False
+    for index in range(start, len(text)):
+        char = text[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in _CLOSERS:
+            stack.append(_CLOSERS[char])
+        elif char in "}]":
+            if char != stack.pop():
+                return index + 1
+            if not stack:
+                return index + 1
+    return None
+
+
+def _schema_violations(value: Any, json_schema: dict) -> list[dict]:
+    # Only the bundled meta-schemas: jsonschema's default registry would fetch a remote $ref,
+    # letting a request make this service call any URL.
+    validator = Draft202012Validator(json_schema, registry=META_SCHEMAS)
+    try:
+        errors = sorted(validator.iter_errors(value), key=lambda e: ([str(p) for p in e.absolute_path], e.message))
+    except Unresolvable as error:
+        raise Unprocessable(f"json_schema has a reference that cannot be resolved: {error}") from error
+    except RecursionError as error:
+        raise Unprocessable("json_schema is nested too deeply to validate with.") from error
+    return [_reason("schema_violation", error.message, _json_pointer(error.absolute_path))
+            for error in errors[:MAX_SCHEMA_ERRORS]]
+
+
+def _json_pointer(path) -> str:
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
+
+
+def _parse_code(raw: str) -> ParsedOutput:
+    blocks = code_blocks(raw)
+    if not blocks:
+        return ParsedOutput(False, raw.strip(),
+                            [_reason("no_code_block", "The output has no fenced code block.")])
+    block = blocks[0]
+    reasons = []
+    if not block.closed:
+        reasons.append(_reason("unclosed_code_block", "The code block is not closed (truncated output?)."))
+    if not block.content.strip():
+        reasons.append(_reason("empty_code_block", "The code block is empty."))
+    return ParsedOutput(not reasons, block.content, reasons, block.language)
+
+
+def _parse_markdown(raw: str) -> ParsedOutput:
+    text = raw.replace("\r\n", "\n").replace("\r", "\n").strip()
+    blocks = code_blocks(text)
+    # Small models often wrap a whole Markdown answer in one ```markdown fence.
+    if len(blocks) == 1 and blocks[0].language in ("markdown", "md") and blocks[0].closed \
+            and blocks[0].start == 0 and blocks[0].end == len(text):
+        text = blocks[0].content.strip()
+        blocks = code_blocks(text)
+    text = _normalise_markdown(text, blocks)
+    if blocks and not blocks[-1].closed:
+        return ParsedOutput(False, text, [_reason("unclosed_code_block",
+                                                  "A code block is not closed (truncated output?).")])
+    return ParsedOutput(True, text)
+
+
+def _normalise_markdown(text: str, blocks: list[CodeBlock]) -> str:
+    """Trailing spaces off every line and at most one blank line in a row, code blocks untouched."""
+    parts = []
+    position = 0
+    for block in blocks:
+        parts += [_tidy_prose(text[position:block.start]), text[block.start:block.end]]
+        position = block.end
+    parts.append(_tidy_prose(text[position:]))
+    return "".join(parts).strip()
+
+
+def _tidy_prose(text: str) -> str:
+    return _BLANK_RUN.sub("\n\n", "\n".join(line.rstrip() for line in text.split("\n")))

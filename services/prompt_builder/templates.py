@@ -1,0 +1,270 @@
+"""Prompt templates: versioned storage, resolution by model family, safe rendering, and building prompts."""
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from services.common.config import Settings
+from services.common.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from services.prompt_builder import formats, queries
+
+TASK_TYPES = ("text-generation", "code-generation", "question-answering", "conversation",
+              "summarization", "classification")
+# 'default' as a task type (with family 'default') is the global fallback template.
+DEFAULT = "default"
+TEMPLATE_TASK_TYPES = (DEFAULT, *TASK_TYPES)
+# Always supplied when rendering.
+BUILTIN_VARIABLES = ("prompt", "format_instructions", "task_type", "model", "model_family")
+# Supplied by the caller in `variables`; a template that uses one requires it.
+EXTRA_VARIABLES = ("context", "language", "labels", "examples", "history")
+PLACEHOLDERS = (*BUILTIN_VARIABLES, *EXTRA_VARIABLES)
+CONTENT_FIELDS = ("system_template", "user_template", "description")
+
+FAMILY_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(:[A-Za-z0-9._-]{1,63})?$"
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+# The same grammar as a regular expression, for the OpenAPI document (clients and fuzzers).
+_TOKEN = r"(?:[^{}]|\{\{|\}\}|\{(?:" + "|".join(PLACEHOLDERS) + r")\})"
+TEMPLATE_PATTERN = rf"^{_TOKEN}*$"
+USER_TEMPLATE_PATTERN = rf"^{_TOKEN}*\{{prompt\}}{_TOKEN}*$"
+_MODEL = re.compile(MODEL_PATTERN)
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """What to build a prompt for; `variables` fill the extra placeholders (context, language...)."""
+
+    prompt: str
+    task_type: str
+    model: str
+    protocol: str = "openai"
+    output_format: str = "text"
+    json_schema: dict | None = None
+    variables: Mapping[str, str] = field(default_factory=dict)
+    max_prompt_chars: int = Settings.max_prompt_chars
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    """The messages (system + user), the same as one text, backend options and the template used."""
+
+    messages: list[dict]
+    prompt: str
+    options: dict
+    template: dict
+    output_format: str
+
+
+# --- parsing and rendering -------------------------------------------------------------------
+
+def parse_template(text: str) -> list[tuple[str, str | None]]:
+    """The template as (literal text, placeholder name or None) pairs; ValueError says what is wrong."""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as error:
+        raise ValueError(f"unbalanced braces ({error}); write a literal brace as {{{{ or }}}}") from None
+    pieces = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None:
+            if conversion is not None or spec:
+                raise ValueError(f"{{{name}}} has a conversion or format spec; only {{name}} is allowed")
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"{{{name}}} is not a plain name (no attribute or index access, "
+                                 "no positional fields)")
+        pieces.append((literal, name))
+    return pieces
+
+
+def placeholder_names(text: str) -> list[str]:
+    """The distinct placeholders a template uses, in order of first use ([] if it does not parse)."""
+    try:
+        pieces = parse_template(text)
+    except ValueError:
+        return []
+    return list(dict.fromkeys(name for _, name in pieces if name))
+
+
+def template_text_problems(text: str, *, requires_prompt: bool = False) -> list[str]:
+    """Why a template text cannot be saved: bad syntax, unknown placeholders, no {prompt}."""
+    try:
+        names = [name for _, name in parse_template(text) if name]
+    except ValueError as error:
+        return [str(error)]
+    problems = [f"unknown placeholder {{{name}}}; allowed: {', '.join(PLACEHOLDERS)}"
+                for name in dict.fromkeys(names) if name not in PLACEHOLDERS]
+    if requires_prompt and "prompt" not in names:
+        problems.append("the user template must contain {prompt}")
+    return problems
+
+
+def validate_template(system_template: str, user_template: str) -> None:
+    """Raise Unprocessable, per field, when either part of a template cannot be saved."""
+    errors = {name: problems for name, problems in (
+        ("system_template", template_text_problems(system_template)),
+        ("user_template", template_text_problems(user_template, requires_prompt=True)),
+    ) if problems}
+    if errors:
+        raise Unprocessable("The template is invalid: see errors for each field.", errors=errors)
+
+
+def render(text: str, values: Mapping[str, str]) -> str:
+    """Fill placeholders with values inserted verbatim (a value's own braces are never interpreted)."""
+    missing = missing_variables(text, values)
+    if missing:
+        raise Unprocessable(f"Missing template variable(s): {', '.join(missing)}.", missing=missing)
+    try:
+        pieces = parse_template(text)
+    except ValueError as error:
+        # Only a template written to the table by hand, past validation, gets here.
+        raise Unprocessable(f"The stored template does not parse: {error}.") from None
+    return "".join(literal + (values[name] if name else "") for literal, name in pieces)
+
+
+def missing_variables(text: str, values: Mapping[str, str]) -> list[str]:
+    """The placeholders of `text` that `values` does not supply."""
+    return [name for name in placeholder_names(text) if name not in values]
+
+
+# --- storage and versions --------------------------------------------------------------------
+
+def list_templates(conn: psycopg.Connection, *, task_type: str | None = None,
+                   model_family: str | None = None, active: bool | None = None,
+                   limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+    """A page of templates (newest version first within a family) and the total matching."""
+    return queries.list_templates(conn, task_type=task_type, model_family=model_family,
+                                  active=active, limit=limit, offset=offset)
+
+
+def get_template(conn: psycopg.Connection, template_id: str) -> dict:
+    """One template version; NotFound if there is none with this id."""
+    row = queries.get_template(conn, template_id)
+    if row is None:
+        raise NotFound(f"No prompt template has id {template_id}.")
+    return row
+
+
+def create_template(conn: psycopg.Connection, *, task_type: str, model_family: str = DEFAULT,
+                    system_template: str = "", user_template: str, description: str = "",
+                    active: bool = True) -> dict:
+    """Version 1 of a new (task type, family) template; Conflict if that pair already has versions."""
+    validate_template(system_template, user_template)
+    queries.lock_family(conn, task_type, model_family)
+    latest = queries.latest_version(conn, task_type, model_family)
+    if latest:
+        raise Conflict(f"A template for ({task_type}, {model_family}) exists; PATCH /templates/"
+                       f"{latest['id']} to add a version.", template_id=str(latest["id"]))
+    return queries.insert_template(conn, task_type=task_type, model_family=model_family, version=1,
+                                   system_template=system_template, user_template=user_template,
+                                   description=description, active=active)
+
+
+def update_template(conn: psycopg.Connection, template_id: str, changes: Mapping[str, Any]) -> tuple[dict, bool]:
+    """Apply a PATCH: content changes make a new version, `active` alone toggles; (row, created)."""
+    current = get_template(conn, template_id)
+    task_type, family = current["task_type"], current["model_family"]
+    queries.lock_family(conn, task_type, family)
+    current = get_template(conn, template_id)  # as the previous lock holder left it
+    content = {name: changes[name] for name in CONTENT_FIELDS if name in changes}
+    if not content and "active" not in changes:
+        raise Unprocessable("Nothing to change: give template text, a description or active.")
+    if content:
+        merged = {name: current[name] for name in CONTENT_FIELDS} | content
+        validate_template(merged["system_template"], merged["user_template"])
+        active = changes.get("active", True)
+        if active:
+            queries.deactivate_family(conn, task_type, family)
+        version = queries.latest_version(conn, task_type, family)["version"] + 1
+        row = queries.insert_template(conn, task_type=task_type, model_family=family, version=version,
+                                      active=active, **merged)
+        return row, True
+    if changes["active"] == current["active"]:
+        return current, False
+    if changes["active"]:
+        queries.deactivate_family(conn, task_type, family)
+        return queries.set_active(conn, template_id, True), False
+    if (task_type, family) == (DEFAULT, DEFAULT):
+        raise Conflict("The global default template cannot be deactivated; activate another "
+                       "version of it instead.")
+    return queries.set_active(conn, template_id, False), False
+
+
+def model_family(model: str) -> str:
+    """The family of a model name: 'llama2:13b' -> 'llama2'."""
+    if not _MODEL.fullmatch(model):
+        raise Unprocessable(f"{model!r} is not a model name like 'llama2:13b'.")
+    return model.split(":", 1)[0].lower()
+
+
+def resolve_template(conn: psycopg.Connection, task_type: str, family: str) -> dict:
+    """The active template for (task, family), else (task, default), else the global default."""
+    row = queries.resolve_active(conn, task_type, family)
+    if row is None:
+        raise Unprocessable(f"No active template applies to ({task_type}, {family}) and there is "
+                            "no active global default.")
+    return row
+
+
+# --- building ------------------------------------------------------------------------------
+
+def build_prompt(conn: psycopg.Connection, request: PromptRequest | Mapping[str, Any]) -> BuiltPrompt:
+    """Render the template that applies to the request's task and model into messages and options."""
+    if not isinstance(request, PromptRequest):
+        request = PromptRequest(**request)
+    _check_request(request)
+    family = model_family(request.model)
+    template = resolve_template(conn, request.task_type, family)
+    instructions = formats.format_instructions(request.output_format, request.json_schema,
+                                               request.variables.get("language"))
+    values = {**request.variables, "prompt": request.prompt, "format_instructions": instructions,
+              "task_type": request.task_type, "model": request.model, "model_family": family}
+    system, user = _render_parts(template, values)
+    text = f"{system}\n\n{user}" if system else user
+    _check_size(len(text), request.max_prompt_chars)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return BuiltPrompt(
+        messages=messages,
+        prompt=text,
+        options=formats.backend_options(request.output_format, request.protocol, request.json_schema),
+        template={"id": str(template["id"]), "task_type": template["task_type"],
+                  "model_family": template["model_family"], "version": template["version"]},
+        output_format=request.output_format,
+    )
+
+
+def _render_parts(template: Mapping[str, Any], values: Mapping[str, str]) -> tuple[str, str]:
+    """The rendered system and user parts; every missing variable of both is named at once."""
+    parts = (template["system_template"], template["user_template"])
+    missing = list(dict.fromkeys(name for part in parts for name in missing_variables(part, values)))
+    if missing:
+        raise Unprocessable(f"Missing template variable(s): {', '.join(missing)}.", missing=missing)
+    system, user = (render(part, values).strip() for part in parts)
+    if not any("format_instructions" in placeholder_names(part) for part in parts):
+        # The format must reach the model even when a template leaves the placeholder out.
+        user = f"{user}\n\n{values['format_instructions']}"
+    return system, user
+
+
+def _check_request(request: PromptRequest) -> None:
+    if request.task_type not in TASK_TYPES:
+        raise Unprocessable(f"Unknown task_type {request.task_type!r}.", allowed=list(TASK_TYPES))
+    if request.protocol not in formats.PROTOCOLS:
+        raise Unprocessable(f"Unknown protocol {request.protocol!r}.", allowed=list(formats.PROTOCOLS))
+    formats.check_format(request.output_format, request.json_schema)
+    unknown = sorted(set(request.variables) - set(EXTRA_VARIABLES))
+    if unknown:
+        raise Unprocessable(f"Unknown variable(s): {', '.join(unknown)}.", allowed=list(EXTRA_VARIABLES))
+    if not all(isinstance(value, str) for value in request.variables.values()):
+        raise Unprocessable("Variable values must be strings.")
+    # Before rendering, so an oversized request costs no work.
+    _check_size(len(request.prompt) + sum(map(len, request.variables.values())), request.max_prompt_chars)
+
+
+def _check_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise PayloadTooLarge(f"The prompt is {size} characters; the limit is {limit}.",
+                              limit=limit, size=size)

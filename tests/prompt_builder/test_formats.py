@@ -1,0 +1,277 @@
+"""Output formats: instructions, backend options, parsing real and synthetic model output (no database)."""
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+
+from services.common.errors import Unprocessable
+from services.prompt_builder.formats import (ParsedOutput, backend_options, check_format,
+                                             format_instructions, json_schema_problem, parse_output,
+                                             repair_prompt)
+from tests.prompt_builder.conftest import real_output
+
+BOOK = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+        "required": ["title", "year"], "additionalProperties": False}
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+          "required": ["name", "age"]}
+NO_CODE = [{"code": "no_code_block", "message": "The output has no fenced code block."}]
+EMPTY = [{"code": "empty_output", "message": "The model returned no content."}]
+
+
+# --- real SmolLM2 outputs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixture, output_format, schema, expected", [
+    ("json_constrained", "json", BOOK, ParsedOutput(True, {"title": "1984", "year": 1940})),
+    ("json_fenced", "json", BOOK, ParsedOutput(True, {"title": "1984", "year": 1940})),
+    ("json_plain", "json", PERSON, ParsedOutput(True, {"name": "Ada", "age": 36})),
+    ("json_answer", "json", None, ParsedOutput(True, {"answer": 4})),
+    ("code_python", "code", None,
+     ParsedOutput(True, "def add(a, b):\n    return a + b", [], "python")),
+    ("markdown_list", "markdown", None, ParsedOutput(True, "1. Banana\n2. Apple\n3. Grapefruit")),
+    ("text_capital", "text", None, ParsedOutput(True, "The capital of France is Paris.")),
+])
+def test_good_real_outputs_parse(fixture, output_format, schema, expected):
+    assert parse_output(real_output(fixture), output_format, schema) == expected
+
+
+def test_a_real_truncated_json_answer_is_a_syntax_error():
+    assert parse_output(real_output("json_truncated"), "json") == ParsedOutput(False, None, [{
+        "code": "json_syntax",
+        "message": "The JSON does not parse: Unterminated string starting at: line 3 column 10 (char 29)",
+    }])
+
+
+def test_a_real_answer_of_the_wrong_shape_violates_the_schema():
+    # SmolLM2 was asked for a person; checked against the book schema it fails on every key.
+    assert parse_output(real_output("json_plain"), "json", BOOK) == ParsedOutput(
+        False, {"name": "Ada", "age": 36}, [
+            {"code": "schema_violation", "path": "",
+             "message": "'title' is a required property"},
+            {"code": "schema_violation", "path": "",
+             "message": "'year' is a required property"},
+            {"code": "schema_violation", "path": "",
+             "message": "Additional properties are not allowed ('age', 'name' were unexpected)"},
+        ])
+
+
+def test_a_real_unfenced_truncated_code_answer_has_no_code_block():
+    raw = real_output("code_unfenced")
+    assert parse_output(raw, "code") == ParsedOutput(False, raw.strip(), NO_CODE)
+
+
+def test_a_real_json_answer_checked_as_code_has_no_code_block():
+    assert parse_output(real_output("json_answer"), "code") == ParsedOutput(False, '{\n  "answer": 4\n}', NO_CODE)
+
+
+# --- json ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, value", [
+    ('Sure! Here it is: {"a": [1, {"b": "}]"}]} Hope this helps.', {"a": [1, {"b": "}]"}]}),
+    ('Here is [the JSON] you asked for: [1, 2] and more', [1, 2]),
+    ('```\n{"a": "\\"quoted\\""}\n```', {"a": '"quoted"'}),
+    ('~~~json\n{"a": 1}\n~~~\n\nand {"b": 2}', {"a": 1}),
+    ("  42  ", 42),
+    ('{"emoji": "\\ud83d\\ude00", "nested": {"deep": [[[]]]}}', {"emoji": "\U0001F600", "nested": {"deep": [[[]]]}}),
+])
+def test_json_is_found_in_fences_and_prose(raw, value):
+    assert parse_output(raw, "json") == ParsedOutput(True, value)
+
+
+@pytest.mark.parametrize("raw, reasons", [
+    ("", EMPTY),
+    (" \n\t ", EMPTY),
+    ("I cannot answer that.", [{"code": "no_json_found",
+                               "message": "No JSON object or array was found in the output."}]),
+    ("NaN", [{"code": "no_json_found", "message": "No JSON object or array was found in the output."}]),
+    ('{"a": NaN}', [{"code": "json_syntax", "message": "The JSON does not parse: NaN is not valid JSON"}]),
+    # The inner {"b": 1} must not be taken for the answer when the outer object is broken.
+    ('{"a": {"b": 1}, }', [{"code": "json_syntax", "message": "The JSON does not parse: Expecting property "
+                                                              "name enclosed in double quotes: line 1 column 17 "
+                                                              "(char 16)"}]),
+    ("{'a': 1}", [{"code": "json_syntax", "message": "The JSON does not parse: Expecting property name "
+                                                     "enclosed in double quotes: line 1 column 2 (char 1)"}]),
+    ("[" * 100_000, [{"code": "json_syntax", "message": "The JSON does not parse: it is nested too deeply"}]),
+])
+def test_bad_json_is_reported_not_raised(raw, reasons):
+    assert parse_output(raw, "json") == ParsedOutput(False, None, reasons)
+
+
+def test_schema_violations_carry_json_pointer_paths():
+    schema = {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"type": "object", "properties": {"n/m": {"type": "integer"}}}},
+        "name": {"type": "string", "maxLength": 3}}}
+    raw = '{"items": [{"n/m": 1}, {"n/m": "two"}], "name": "abcd"}'
+    assert parse_output(raw, "json", schema) == ParsedOutput(False, {"items": [{"n/m": 1}, {"n/m": "two"}],
+                                                                     "name": "abcd"}, [
+        {"code": "schema_violation", "path": "/items/1/n~1m", "message": "'two' is not of type 'integer'"},
+        {"code": "schema_violation", "path": "/name", "message": "'abcd' is too long"},
+    ])
+
+
+def test_schema_violations_are_capped():
+    result = parse_output("[" + ",".join(["1"] * 50) + "]", "json", {"items": {"type": "string"}})
+    assert (result.valid, len(result.reasons)) == (False, 20)
+
+
+@pytest.mark.parametrize("schema, problem", [
+    ({"type": "foo"}, "json_schema is not a valid JSON Schema (Draft 2020-12): 'foo' is not valid under "
+                      "any of the given schemas"),
+    ({"type": "string", "pattern": "("}, "json_schema is not a valid JSON Schema (Draft 2020-12): "
+                                         "'(' is not a 'regex'"),
+    ({"required": "name"}, "json_schema is not a valid JSON Schema (Draft 2020-12): 'name' is not of "
+                           "type 'array'"),
+    ([], "json_schema must be a JSON object."),
+    ({"type": "object"}, None),
+    ({}, None),
+])
+def test_json_schemas_are_checked_against_the_meta_schema(schema, problem):
+    assert json_schema_problem(schema) == problem
+
+
+def test_an_invalid_schema_or_format_is_a_request_error_not_an_output_error():
+    with pytest.raises(Unprocessable) as caught:
+        parse_output("{}", "json", {"type": "foo"})
+    assert caught.value.detail.startswith("json_schema is not a valid JSON Schema")
+    with pytest.raises(Unprocessable) as caught:
+        parse_output("{}", "yaml")
+    assert (caught.value.detail, caught.value.extensions) == (
+        "Unknown output_format 'yaml'.", {"allowed": ["json", "markdown", "code", "text"]})
+    with pytest.raises(Unprocessable) as caught:
+        check_format("json", {"type": "foo"})
+    assert caught.value.detail.startswith("json_schema is not a valid JSON Schema")
+
+
+def test_a_schema_only_applies_to_json():
+    assert parse_output("Paris", "text", {"type": "object"}) == ParsedOutput(True, "Paris")
+    assert parse_output("Paris", "text", {"type": "foo"}) == ParsedOutput(True, "Paris")
+    assert backend_options("text", "openai", {"type": "object"}) == {}
+    assert format_instructions("markdown", {"type": "object"}) == "Format your answer in Markdown."
+
+
+def test_an_unresolvable_reference_is_a_request_error():
+    with pytest.raises(Unprocessable) as caught:
+        parse_output("{}", "json", {"$ref": "#/$defs/missing"})
+    assert caught.value.detail.startswith("json_schema has a reference that cannot be resolved")
+
+
+def test_a_remote_reference_is_never_fetched():
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            body = b'{"type": "string"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(Unprocessable) as caught:
+            parse_output("{}", "json", {"$ref": f"http://127.0.0.1:{server.server_port}/schema.json"})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert caught.value.detail.startswith("json_schema has a reference that cannot be resolved")
+    assert requests == []
+    # Draft references resolve from the bundled meta-schemas.
+    assert parse_output("{}", "json", {"$ref": "https://json-schema.org/draft/2020-12/schema"}).valid
+
+
+# --- code ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Here:\n```Python title\nprint('a')\n\n\nprint('b')\n```\nThen:\n```sh\nrun\n```",
+     ParsedOutput(True, "print('a')\n\n\nprint('b')", [], "python")),
+    ("````\nx = '```'\n````", ParsedOutput(True, "x = '```'", [], None)),
+    ("~~~rust\nfn main() {}\n~~~", ParsedOutput(True, "fn main() {}", [], "rust")),
+    ("```js\nconst a = 1;\nconst b", ParsedOutput(False, "const a = 1;\nconst b", [
+        {"code": "unclosed_code_block", "message": "The code block is not closed (truncated output?)."}], "js")),
+    ("```python\n\n```", ParsedOutput(False, "", [
+        {"code": "empty_code_block", "message": "The code block is empty."}], "python")),
+    ("def f():\n    pass\n", ParsedOutput(False, "def f():\n    pass", NO_CODE)),
+    ("   ", ParsedOutput(False, "", EMPTY)),
+])
+def test_code_is_taken_from_the_first_fenced_block(raw, expected):
+    assert parse_output(raw, "code") == expected
+
+
+# --- markdown and text ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    ("# Title   \r\n\r\n\r\n\r\nText  \n", ParsedOutput(True, "# Title\n\nText")),
+    ("```markdown\n# Wrapped\n\n- a\n```", ParsedOutput(True, "# Wrapped\n\n- a")),
+    ("Intro\n\n\n\n```python\nx = 1   \n\n\n\ny = 2\n```\n\n\n\nEnd",
+     ParsedOutput(True, "Intro\n\n```python\nx = 1   \n\n\n\ny = 2\n```\n\nEnd")),
+    ("Intro\n```python\nx = 1", ParsedOutput(False, "Intro\n```python\nx = 1", [
+        {"code": "unclosed_code_block", "message": "A code block is not closed (truncated output?)."}])),
+    ("\n", ParsedOutput(False, "", EMPTY)),
+])
+def test_markdown_is_normalised_outside_code_blocks(raw, expected):
+    assert parse_output(raw, "markdown") == expected
+
+
+def test_text_is_trimmed_and_must_not_be_empty():
+    assert parse_output("\n  Paris. \n", "text") == ParsedOutput(True, "Paris.")
+    assert parse_output("", "text") == ParsedOutput(False, "", EMPTY)
+
+
+# --- instructions, options, repair ---------------------------------------------------------------
+
+def test_format_instructions():
+    assert format_instructions("json") == \
+        "Respond with only valid JSON: no prose before or after it, no code fences."
+    assert format_instructions("json", {"type": "object"}) == (
+        "Respond with only valid JSON: no prose before or after it, no code fences. "
+        'The JSON must conform to this JSON Schema:\n{"type": "object"}')
+    assert format_instructions("code", language="go") == \
+        "Respond with only the code, in one fenced code block (```go ... ```), without explanations."
+    assert format_instructions("code") == \
+        "Respond with only the code, in one fenced code block (``` ... ```), without explanations."
+    assert format_instructions("markdown") == "Format your answer in Markdown."
+    assert format_instructions("text") == "Answer in plain text, without Markdown."
+
+
+@pytest.mark.parametrize("output_format, protocol, schema, options", [
+    ("json", "openai", BOOK, {"response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "response", "schema": BOOK}}}),
+    ("json", "openai", None, {"response_format": {"type": "json_object"}}),
+    ("json", "ollama", BOOK, {"format": BOOK}),
+    ("json", "ollama", None, {"format": "json"}),
+    ("code", "openai", None, {}),
+    ("markdown", "ollama", None, {}),
+    ("text", "openai", None, {}),
+])
+def test_backend_options_constrain_json_where_the_protocol_can(output_format, protocol, schema, options):
+    assert backend_options(output_format, protocol, schema) == options
+
+
+def test_repair_prompt_names_the_problems_and_restates_the_format():
+    raw = real_output("json_plain")
+    parsed = parse_output(raw, "json", {"required": ["title"]})
+    assert repair_prompt(raw, parsed, "json", {"required": ["title"]}) == (
+        "Your previous answer could not be used:\n"
+        "- at /: 'title' is a required property\n\n"
+        f"Previous answer:\n<<<\n{raw}\n>>>\n\n"
+        "Answer again. Respond with only valid JSON: no prose before or after it, no code fences. "
+        'The JSON must conform to this JSON Schema:\n{"required": ["title"]}')
+
+
+def test_repair_prompt_quotes_at_most_the_start_of_a_long_answer():
+    raw = "x" * 5000
+    parsed = parse_output(raw, "code")
+    assert repair_prompt(raw, parsed, "code") == (
+        "Your previous answer could not be used:\n- The output has no fenced code block.\n\n"
+        f"Previous answer:\n<<<\n{'x' * 1000}\n[...]\n>>>\n\n"
+        "Answer again. Respond with only the code, in one fenced code block (``` ... ```), "
+        "without explanations.")
