@@ -20,15 +20,19 @@ def _template_text(requires_prompt: bool):
     return check
 
 
+# The grammar is documented as a description, not a `pattern`: fuzzers cannot generate from a
+# pattern this size combined with maxLength. The validator says what is wrong in words.
+_GRAMMAR = "Template text matching the regular expression {}"
+
+
 def _system_template(**kwargs) -> fields.String:
     return fields.String(validate=[validate.Length(max=MAX_TEMPLATE_CHARS), _template_text(False)],
-                         metadata={"pattern": templates.TEMPLATE_PATTERN}, **kwargs)
+                         metadata={"description": _GRAMMAR.format(templates.TEMPLATE_PATTERN)}, **kwargs)
 
 
 def _user_template(**kwargs) -> fields.String:
-    # The pattern documents the grammar; the validator says what is wrong in words.
     return fields.String(validate=[validate.Length(min=1, max=MAX_TEMPLATE_CHARS), _template_text(True)],
-                         metadata={"pattern": templates.USER_TEMPLATE_PATTERN}, **kwargs)
+                         metadata={"description": _GRAMMAR.format(templates.USER_TEMPLATE_PATTERN)}, **kwargs)
 
 
 JSON_SCHEMA_DOC = {"description": "A JSON Schema (Draft 2020-12) the JSON output must conform to; "
