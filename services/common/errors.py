@@ -6,7 +6,7 @@ from http import HTTPStatus
 
 import psycopg
 from flask import Flask, Response, g, json
-from marshmallow import Schema, fields
+from marshmallow import INCLUDE, Schema, fields
 from psycopg import errors as pg_errors
 from psycopg_pool import PoolTimeout
 from werkzeug.exceptions import HTTPException
@@ -17,7 +17,10 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 
 class ProblemSchema(Schema):
-    """The body of every error response."""
+    """The body of every error response; problem types add members of their own."""
+
+    class Meta:
+        unknown = INCLUDE
 
     type = fields.String(required=True, metadata={"description": "A URI naming the problem type"})
     title = fields.String(required=True)
