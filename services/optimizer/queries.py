@@ -37,18 +37,13 @@ INSERT INTO performance_logs (model_id, runtime_id, request_id, task_type, outpu
     template_id, template_version, input_tokens, output_tokens, tokens_per_second,
     processing_time_ms, load_time_ms, queue_wait_ms, memory_used_mb, cpu_usage_percent,
     success, validation_passed, error_class, error_message, logged_at)
-SELECT model_id, runtime_id, request_id, task_type, output_format, COALESCE(attempt, 1),
-    template_id, template_version, input_tokens, output_tokens, tokens_per_second,
-    processing_time_ms, load_time_ms, queue_wait_ms, memory_used_mb, cpu_usage_percent,
-    success, validation_passed, error_class, error_message, COALESCE(logged_at, now())
-FROM jsonb_to_recordset(%(rows)s) WITH ORDINALITY AS r (model_id uuid, runtime_id uuid,
-    request_id uuid, task_type text, output_format text, attempt integer, template_id uuid,
-    template_version integer, input_tokens integer, output_tokens integer,
-    tokens_per_second double precision, processing_time_ms integer, load_time_ms integer,
-    queue_wait_ms integer, memory_used_mb integer, cpu_usage_percent numeric,
-    success boolean, validation_passed boolean, error_class text, error_message text,
-    logged_at timestamptz, n bigint)
-ORDER BY n
+SELECT r.model_id, r.runtime_id, r.request_id, r.task_type, r.output_format, COALESCE(r.attempt, 1),
+    r.template_id, r.template_version, r.input_tokens, r.output_tokens, r.tokens_per_second,
+    r.processing_time_ms, r.load_time_ms, r.queue_wait_ms, r.memory_used_mb, r.cpu_usage_percent,
+    r.success, r.validation_passed, r.error_class, r.error_message, COALESCE(r.logged_at, now())
+FROM jsonb_array_elements(%(rows)s) WITH ORDINALITY AS e (item, n)
+CROSS JOIN LATERAL jsonb_populate_record(NULL::performance_logs, e.item) AS r
+ORDER BY e.n
 RETURNING *
 """
 

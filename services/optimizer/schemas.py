@@ -26,13 +26,14 @@ def text(min_len: int = 0, max_len: int = 200, **kwargs) -> fields.String:
     return fields.String(validate=[validate.Length(min_len, max_len), _no_nul], **kwargs)
 
 
-def count(max_value: int = INT_MAX, min_value: int = 0, **kwargs) -> fields.Integer:
-    return fields.Integer(strict=True, validate=validate.Range(min_value, max_value), **kwargs)
+def count(max_value: int = INT_MAX, min_value: int = 0, *, strict: bool = True, **kwargs) -> fields.Integer:
+    """A bounded integer; strict (no "3" nor 3.0) except in query strings, where all is text."""
+    return fields.Integer(strict=strict, validate=validate.Range(min_value, max_value), **kwargs)
 
 
 class PageQuerySchema(Schema):
-    limit = count(500, 1, load_default=100)
-    offset = count(1_000_000, load_default=0)
+    limit = count(500, 1, strict=False, load_default=100)
+    offset = count(1_000_000, strict=False, load_default=0)
 
 
 # --- performance -----------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class RefreshSchema(Schema):
 # --- analysis and rankings -------------------------------------------------------------------
 
 class WindowQuerySchema(Schema):
-    window_seconds = count(MAX_WINDOW_SECONDS, 60, load_default=86_400)
+    window_seconds = count(MAX_WINDOW_SECONDS, 60, strict=False, load_default=86_400)
 
 
 class RecommendationSchema(Schema):
