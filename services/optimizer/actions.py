@@ -88,7 +88,7 @@ def _request(session: requests.Session, method: str, url: str, body: dict | None
     except requests.RequestException as exc:
         raise ActionError(f"{method} {url} failed: {exc.__class__.__name__}: {exc}") from exc
     if not response.ok:
-        raise ActionError(f"{method} {url} answered {response.status_code}: {response.text[:300]}")
+        raise ActionError(f"{method} {response.url} answered {response.status_code}: {response.text[:300]}")
     return response
 
 
