@@ -17,7 +17,7 @@ import requests
 from services.common.config import Settings
 from services.common.db import Database, connect
 from services.optimizer import performance, rankings, rules
-from services.optimizer.actions import send
+from services.optimizer.actions import ActionError, send
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ def logged(job_id: str, run: Callable[[], object]) -> Callable[[], None]:
         started = time.perf_counter()
         try:
             run()
+        except ActionError as exc:
+            # An owner service is down or refused: expected, so no traceback.
+            logger.error("job failed", extra={"job": job_id, "duration_ms": _ms_since(started), "error": str(exc)})
         except Exception:
             logger.exception("job failed", extra={"job": job_id, "duration_ms": _ms_since(started)})
         else:

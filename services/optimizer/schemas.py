@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timezone
+from datetime import datetime, timezone
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
@@ -62,7 +62,15 @@ class PerformanceLogSchema(Schema):
     validation_passed = fields.Boolean(allow_none=True)
     error_class = text(1, 100, allow_none=True)
     error_message = text(0, 5000, allow_none=True)
-    logged_at = fields.AwareDateTime(default_timezone=timezone.utc, allow_none=True)
+    logged_at = fields.AwareDateTime(default_timezone=timezone.utc, allow_none=True, validate=validate.Range(
+        datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(2999, 12, 31, tzinfo=timezone.utc)))
+
+    @post_load
+    def _utc(self, data: dict, **kwargs) -> dict:
+        # Postgres refuses offsets beyond 15:59 that Python accepts: store UTC.
+        if data.get("logged_at"):
+            data["logged_at"] = data["logged_at"].astimezone(timezone.utc)
+        return data
 
     @validates_schema
     def _failure_has_class(self, data: dict, **kwargs) -> None:

@@ -55,12 +55,17 @@ def test_a_failing_job_is_logged_with_its_duration_and_does_not_raise(caplog):
 
     with caplog.at_level(logging.INFO, logger="services.optimizer.jobs"):
         logged("optimize", explode)()
+        logged("reap_idle_runtimes", lambda: jobs.reap_idle_runtimes(
+            Settings(orchestrator_url="http://127.0.0.1:9"), http_session(retries=0)))()
         logged("refresh_summary", lambda: None)()
-    failed, done = caplog.records
+    failed, unreachable, done = caplog.records
     assert (failed.getMessage(), failed.job, failed.levelname, failed.exc_info[0]) == (
         "job failed", "optimize", "ERROR", RuntimeError)
+    assert (unreachable.getMessage(), unreachable.job, unreachable.exc_info) == (
+        "job failed", "reap_idle_runtimes", None)
+    assert unreachable.error.startswith("POST http://127.0.0.1:9/runtimes/reap failed: ConnectionError")
     assert (done.getMessage(), done.job, done.levelname) == ("job done", "refresh_summary", "INFO")
-    assert isinstance(failed.duration_ms, float) and isinstance(done.duration_ms, float)
+    assert all(isinstance(r.duration_ms, float) for r in caplog.records)
 
 
 def test_orchestrator_jobs_call_its_endpoints_with_the_token(session):

@@ -252,3 +252,18 @@ def test_list_actions_validates_its_query(client):
     assert response.json["errors"] == {"query": {
         "limit": ["Must be greater than or equal to 1 and less than or equal to 500."],
         "rule_id": ["Not a valid UUID."]}}
+
+
+def test_a_rule_locked_by_another_optimize_is_skipped(fresh_database_url):
+    from services.common.config import Settings
+    from services.common.db import SingleConnectionDatabase, connect
+    from services.common.http import http_session
+    from services.optimizer.rules import optimize
+
+    with connect(fresh_database_url) as holder, connect(fresh_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE optimization_rules SET active = (rule_name = 'Scale Up on High Queue')")
+        rule_id = holder.execute("SELECT id FROM optimization_rules WHERE active FOR UPDATE").fetchone()["id"]
+        results = optimize(SingleConnectionDatabase(conn), http_session(), Settings(database_url=fresh_database_url))
+        holder.rollback()
+    assert results == [{"rule_id": rule_id, "rule_name": None, "outcome": "busy",
+                        "reason": "being evaluated elsewhere, deleted or deactivated", "action_id": None}]
