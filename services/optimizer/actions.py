@@ -115,7 +115,7 @@ def _scale_url(settings: Settings, model_id: str) -> str:
 
 def _plan_scale_up(conn, session, settings, params, scope, window_seconds) -> Plan:
     plan = Plan()
-    targets = queries.rows(conn, queries.SCALE_UP_TARGETS, scope)
+    targets = queries.scale_up_targets(conn, **scope)
     if not targets:
         plan.skip(None, "no active model in scope has pending requests or running runtimes")
     for target in targets:
@@ -132,7 +132,7 @@ def _plan_scale_up(conn, session, settings, params, scope, window_seconds) -> Pl
 
 def _plan_scale_down(conn, session, settings, params, scope, window_seconds) -> Plan:
     plan = Plan()
-    targets = queries.rows(conn, queries.SCALE_DOWN_TARGETS, scope)
+    targets = queries.scale_down_targets(conn, **scope)
     if not targets:
         plan.skip(None, "no model in scope has running runtimes")
     for target in targets:
@@ -154,8 +154,8 @@ def _plan_scale_down(conn, session, settings, params, scope, window_seconds) -> 
 
 def _plan_switch_model(conn, session, settings, params, scope, window_seconds) -> Plan:
     plan = Plan()
-    candidates = [m for m in queries.rows(conn, queries.MODELS_WITH_LOGS,
-                                          {**scope, "window_seconds": window_seconds}) if m["active"]]
+    candidates = [m for m in queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
+                  if m["active"]]
     limit = params["max_processing_time_ms"]
     if not params["prefer_speed_over_accuracy"]:
         candidates = sorted(candidates, key=lambda m: m["success_rate"])[:1]
@@ -180,7 +180,7 @@ def _plan_switch_model(conn, session, settings, params, scope, window_seconds) -
 
 def _plan_adjust_resources(conn, session, settings, params, scope, window_seconds) -> Plan:
     plan = Plan()
-    models = queries.rows(conn, queries.MODELS_WITH_LOGS, {**scope, "window_seconds": window_seconds})
+    models = queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
     if not models:
         plan.skip(None, "no model in scope has performance data in the window")
     for model in models:

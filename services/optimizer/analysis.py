@@ -29,11 +29,10 @@ def analyze(conn: psycopg.Connection, window_seconds: int,
             thresholds: Thresholds = Thresholds()) -> list[dict]:
     """Every recommendation the window's data supports."""
     since = queries.window_start(conn, window_seconds)
-    stats = queries.rows(conn, queries.MODEL_WINDOW_STATS, {
-        "since": since, "resource_errors": list(thresholds.resource_error_classes)})
-    load = {row["model_id"]: row for row in queries.rows(conn, queries.LOAD_LATENCY, {
-        "since": since, "bucket": timedelta(seconds=max(window_seconds // 12, 60))})}
-    formats = queries.rows(conn, queries.FORMAT_VALIDATION, {"since": since})
+    stats = queries.model_window_stats(conn, since, list(thresholds.resource_error_classes))
+    bucket = timedelta(seconds=max(window_seconds // 12, 60))
+    load = {row["model_id"]: row for row in queries.load_latency(conn, since, bucket)}
+    formats = queries.format_validation(conn, since)
     found = []
     for model in stats:
         for check in (_success, _over_allocated, _under_allocated, _unused):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 
 import psycopg
@@ -179,9 +179,21 @@ SELECT NOT EXISTS (
 """
 
 
-def rows(conn: psycopg.Connection, query: str, params: dict) -> list[dict]:
-    """All rows of one of the fixed queries of this module."""
-    return conn.execute(query, params).fetchall()
+def scale_up_targets(conn: psycopg.Connection, *, model_id: str | None, task_type: str | None) -> list[dict]:
+    """Active models in scope with pending requests they can serve or running runtimes."""
+    return conn.execute(SCALE_UP_TARGETS, {"model_id": model_id, "task_type": task_type}).fetchall()
+
+
+def scale_down_targets(conn: psycopg.Connection, *, model_id: str | None, task_type: str | None) -> list[dict]:
+    """Models in scope with running runtimes, and how long the most recent one has been idle."""
+    return conn.execute(SCALE_DOWN_TARGETS, {"model_id": model_id, "task_type": task_type}).fetchall()
+
+
+def models_with_logs(conn: psycopg.Connection, *, window_seconds: int, model_id: str | None,
+                     task_type: str | None) -> list[dict]:
+    """Models in scope with performance rows in the window, slowest first."""
+    params = {"window_seconds": window_seconds, "model_id": model_id, "task_type": task_type}
+    return conn.execute(MODELS_WITH_LOGS, params).fetchall()
 
 
 def has_alternative(conn: psycopg.Connection, model_id: str, excluded: list[str]) -> bool:
@@ -357,6 +369,22 @@ SELECT model_id, count(*) AS buckets, corr(p95, requests) AS load_latency_correl
        min(p95) AS min_bucket_p95_ms, max(p95) AS max_bucket_p95_ms
 FROM buckets GROUP BY model_id
 """
+
+
+def model_window_stats(conn: psycopg.Connection, since: datetime,
+                       resource_errors: list[str]) -> list[dict]:
+    """Per model since `since`: use, outcomes, allocation and whether it was chosen at all."""
+    return conn.execute(MODEL_WINDOW_STATS, {"since": since, "resource_errors": resource_errors}).fetchall()
+
+
+def format_validation(conn: psycopg.Connection, since: datetime) -> list[dict]:
+    """Validation pass rate per model and output format, best first within a format."""
+    return conn.execute(FORMAT_VALIDATION, {"since": since}).fetchall()
+
+
+def load_latency(conn: psycopg.Connection, since: datetime, bucket: timedelta) -> list[dict]:
+    """Per model: how the p95 of time buckets correlates with their request counts."""
+    return conn.execute(LOAD_LATENCY, {"since": since, "bucket": bucket}).fetchall()
 
 
 def window_start(conn: psycopg.Connection, window_seconds: int) -> datetime:
