@@ -37,7 +37,7 @@ class Call:
     url: str
     json: dict
     model_id: str | None = None
-    undo: dict | None = field(default=None, compare=False)
+    undo: dict | None = None  # the body that restores the previous state
 
     def describe(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "undo"}
@@ -113,7 +113,8 @@ def _scale_url(settings: Settings, model_id: str) -> str:
     return f"{settings.orchestrator_url}/models/{model_id}/scale"
 
 
-def _plan_scale_up(conn, session, settings, params, scope, window_seconds) -> Plan:
+def _plan_scale_up(conn: psycopg.Connection, session: requests.Session, settings: Settings,
+                   params: dict, scope: dict, window_seconds: int) -> Plan:
     plan = Plan()
     targets = queries.scale_up_targets(conn, **scope)
     if not targets:
@@ -130,7 +131,8 @@ def _plan_scale_up(conn, session, settings, params, scope, window_seconds) -> Pl
     return plan
 
 
-def _plan_scale_down(conn, session, settings, params, scope, window_seconds) -> Plan:
+def _plan_scale_down(conn: psycopg.Connection, session: requests.Session, settings: Settings,
+                     params: dict, scope: dict, window_seconds: int) -> Plan:
     plan = Plan()
     targets = queries.scale_down_targets(conn, **scope)
     if not targets:
@@ -152,7 +154,8 @@ def _plan_scale_down(conn, session, settings, params, scope, window_seconds) -> 
     return plan
 
 
-def _plan_switch_model(conn, session, settings, params, scope, window_seconds) -> Plan:
+def _plan_switch_model(conn: psycopg.Connection, session: requests.Session, settings: Settings,
+                       params: dict, scope: dict, window_seconds: int) -> Plan:
     plan = Plan()
     candidates = [m for m in queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
                   if m["active"]]
@@ -178,7 +181,8 @@ def _plan_switch_model(conn, session, settings, params, scope, window_seconds) -
     return plan
 
 
-def _plan_adjust_resources(conn, session, settings, params, scope, window_seconds) -> Plan:
+def _plan_adjust_resources(conn: psycopg.Connection, session: requests.Session, settings: Settings,
+                           params: dict, scope: dict, window_seconds: int) -> Plan:
     plan = Plan()
     models = queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
     if not models:
