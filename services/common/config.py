@@ -77,6 +77,7 @@ class Settings:
     runtime_dir: str = str(PROJECT_ROOT / ".run" / "runtimes")
     models_dir: str = str(PROJECT_ROOT / ".run" / "models")
     default_keep_alive_s: int = 300
+    performance_retention_days: int = 30
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -105,6 +106,8 @@ class Settings:
             runtime_dir=_env_str("RUNTIME_DIR", cls.runtime_dir),
             models_dir=_env_str("MODELS_DIR", cls.models_dir),
             default_keep_alive_s=_env_int("DEFAULT_KEEP_ALIVE_S", cls.default_keep_alive_s),
+            performance_retention_days=_env_int("PERFORMANCE_RETENTION_DAYS",
+                                                cls.performance_retention_days),
         )
 
     def as_flask_config(self) -> dict:

@@ -1,0 +1,223 @@
+"""Rule actions, carried out by the services that own the resources, over HTTP.
+
+An action is planned first (read-only: which models, how many replicas, which values) and then
+run call by call. Each mutating call carries the body that undoes it; when a call fails, the
+calls already made are undone in reverse order, so a failed action leaves nothing half-done.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import psycopg
+import requests
+
+from services.common.config import Settings
+from services.optimizer import queries
+from services.optimizer.metrics import scope_filter
+from services.optimizer.schemas import action_parameters
+
+
+class ActionError(Exception):
+    """An owner service could not be reached or refused a call."""
+
+
+class ActionFailed(Exception):
+    """A call of a running action failed; `result` tells what was done and undone."""
+
+    def __init__(self, error: str, result: dict) -> None:
+        super().__init__(error)
+        self.error = error
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    url: str
+    json: dict
+    model_id: str | None = None
+    undo: dict | None = None  # the body that restores the previous state
+
+    def describe(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "undo"}
+
+
+@dataclass
+class Plan:
+    calls: list[Call] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def skip(self, model_id: str | None, reason: str) -> None:
+        self.skipped.append({"model_id": None if model_id is None else str(model_id), "reason": reason})
+
+
+def plan_action(conn: psycopg.Connection, session: requests.Session, settings: Settings,
+                rule: dict) -> Plan:
+    """The calls a rule's action would make now; raises ActionError when a lookup fails."""
+    params = action_parameters(rule["action_type"], rule["action_parameters"])
+    scope = scope_filter(rule["scope"], rule["scope_value"])
+    planner = PLANNERS[rule["action_type"]]
+    return planner(conn, session, settings, params, scope, rule["window_seconds"])
+
+
+def run_plan(session: requests.Session, plan: Plan) -> dict:
+    """Make the planned calls; on a failure undo the ones made and raise ActionFailed."""
+    done: list[dict] = []
+    for call in plan.calls:
+        try:
+            status = send(session, call.method, call.url, call.json)
+        except ActionError as exc:
+            undone = [_undo(session, c) for c in reversed(plan.calls[:len(done)]) if c.undo is not None]
+            raise ActionFailed(str(exc), {"calls": done, "failed_call": call.describe(),
+                                          "undone": undone, "skipped": plan.skipped}) from exc
+        done.append({**call.describe(), "status": status})
+    return {"calls": done, "skipped": plan.skipped}
+
+
+def send(session: requests.Session, method: str, url: str, body: dict | None = None,
+         params: dict | None = None) -> int:
+    """One call to an owner service; any answer but 2xx is an ActionError."""
+    return _request(session, method, url, body, params).status_code
+
+
+def _request(session: requests.Session, method: str, url: str, body: dict | None,
+             params: dict | None) -> requests.Response:
+    try:
+        response = session.request(method, url, json=body, params=params)
+    except requests.RequestException as exc:
+        raise ActionError(f"{method} {url} failed: {exc.__class__.__name__}: {exc}") from exc
+    if not response.ok:
+        raise ActionError(f"{method} {response.url} answered {response.status_code}: {response.text[:300]}")
+    return response
+
+
+def _undo(session: requests.Session, call: Call) -> dict:
+    try:
+        return {"url": call.url, "json": call.undo, "status": send(session, call.method, call.url, call.undo)}
+    except ActionError as exc:
+        return {"url": call.url, "json": call.undo, "error": str(exc)}
+
+
+def running_replicas(session: requests.Session, settings: Settings, model_id: str) -> int:
+    """How many runtimes of a model the orchestrator reports running."""
+    url = f"{settings.orchestrator_url}/runtimes"
+    response = _request(session, "GET", url, None, {"model_id": str(model_id), "status": "running"})
+    try:
+        return len(response.json()["items"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ActionError(f"GET {url} answered an unexpected body: {response.text[:300]}") from exc
+
+
+def _scale_url(settings: Settings, model_id: str) -> str:
+    return f"{settings.orchestrator_url}/models/{model_id}/scale"
+
+
+def _plan_scale_up(conn: psycopg.Connection, session: requests.Session, settings: Settings,
+                   params: dict, scope: dict, window_seconds: int) -> Plan:
+    plan = Plan()
+    targets = queries.scale_up_targets(conn, **scope)
+    if not targets:
+        plan.skip(None, "no active model in scope has pending requests or running runtimes")
+    for target in targets:
+        current = running_replicas(session, settings, target["model_id"])
+        cap = min(params.get("max_replicas") or target["max_replicas"], target["max_replicas"])
+        wanted = min(cap, max(current + params["step"], math.ceil(current * params["scale_factor"])))
+        if wanted <= current:
+            plan.skip(target["model_id"], f"already at {current} of at most {cap} replicas")
+            continue
+        plan.calls.append(Call("POST", _scale_url(settings, target["model_id"]), {"replicas": wanted},
+                               str(target["model_id"]), undo={"replicas": current}))
+    return plan
+
+
+def _plan_scale_down(conn: psycopg.Connection, session: requests.Session, settings: Settings,
+                     params: dict, scope: dict, window_seconds: int) -> Plan:
+    plan = Plan()
+    targets = queries.scale_down_targets(conn, **scope)
+    if not targets:
+        plan.skip(None, "no model in scope has running runtimes")
+    for target in targets:
+        if target["idle_seconds"] < params["idle_threshold_seconds"]:
+            plan.skip(target["model_id"], f"active {target['idle_seconds']:.0f}s ago, under the idle "
+                                          f"threshold of {params['idle_threshold_seconds']}s")
+            continue
+        current = running_replicas(session, settings, target["model_id"])
+        wanted = max(params["min_replicas"], current - params["step"])
+        if wanted >= current:
+            plan.skip(target["model_id"], f"already at {current} of at least {params['min_replicas']} replicas")
+            continue
+        plan.calls.append(Call("POST", _scale_url(settings, target["model_id"]), {"replicas": wanted},
+                               str(target["model_id"]), undo={"replicas": current}))
+    if params["reap"]:
+        plan.calls.append(Call("POST", f"{settings.orchestrator_url}/runtimes/reap", {}))
+    return plan
+
+
+def _plan_switch_model(conn: psycopg.Connection, session: requests.Session, settings: Settings,
+                       params: dict, scope: dict, window_seconds: int) -> Plan:
+    plan = Plan()
+    candidates = [m for m in queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
+                  if m["active"]]
+    limit = params["max_processing_time_ms"]
+    if not params["prefer_speed_over_accuracy"]:
+        candidates = sorted(candidates, key=lambda m: m["success_rate"])[:1]
+    elif limit is None:
+        candidates = candidates[:1]  # the slowest: the query orders by average time, slowest first
+    else:
+        candidates = [m for m in candidates if m["avg_processing_time_ms"] > limit]
+    if not candidates:
+        plan.skip(None, "no active model in scope matches the switch criteria in the window")
+    demoted: list[str] = []
+    for model in candidates:
+        model_id = str(model["model_id"])
+        if not queries.has_alternative(conn, model_id, [model_id, *demoted]):
+            plan.skip(model_id, f"{model['name']}:{model['version']} stays active: no other active "
+                                "model serves all of its task types")
+            continue
+        demoted.append(model_id)
+        plan.calls.append(Call("PATCH", f"{settings.registry_url}/models/{model_id}", {"active": False},
+                               model_id, undo={"active": True}))
+    return plan
+
+
+def _plan_adjust_resources(conn: psycopg.Connection, session: requests.Session, settings: Settings,
+                           params: dict, scope: dict, window_seconds: int) -> Plan:
+    plan = Plan()
+    models = queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
+    if not models:
+        plan.skip(None, "no model in scope has performance data in the window")
+    for model in models:
+        old = {"base_cpu_requirement": model["base_cpu_requirement"],
+               "base_memory_requirement": model["base_memory_requirement"]}
+        new = {
+            "base_cpu_requirement": round(_resize(
+                old["base_cpu_requirement"], params["cpu_reduction"], params["cpu_increase"],
+                params["min_cpu"], settings.host_cpu_cores), 2),
+            "base_memory_requirement": int(_resize(
+                old["base_memory_requirement"], params["memory_reduction"], params["memory_increase"],
+                params["min_memory_mb"], settings.host_memory_mb)),
+        }
+        changed = {key: value for key, value in new.items() if value != old[key]}
+        if not changed:
+            plan.skip(model["model_id"], "already at the floor or ceiling of its resources")
+            continue
+        plan.calls.append(Call("PATCH", f"{settings.registry_url}/models/{model['model_id']}", changed,
+                               str(model["model_id"]), undo={key: old[key] for key in changed}))
+    return plan
+
+
+def _resize(value: float, reduction: float, increase: float, floor: float, ceiling: float) -> float:
+    """Shrink or grow a requirement, never below the floor nor above the host."""
+    target = value * (1 - reduction) * (1 + increase)
+    if increase:
+        return min(max(target, value), max(ceiling, value))
+    return max(min(target, value), min(floor, value))
+
+
+PLANNERS = {
+    "scale_up": _plan_scale_up,
+    "scale_down": _plan_scale_down,
+    "switch_model": _plan_switch_model,
+    "adjust_resources": _plan_adjust_resources,
+}
