@@ -94,77 +94,36 @@ def model_history(conn: psycopg.Connection, model_id: UUID) -> dict:
     """, {"id": model_id}).fetchone()
 
 
-# The eligibility rules of selection.py, as the first rule each model breaks (NULL: eligible).
-# Shared by the query of the eligible models and the count of the others, so they cannot disagree.
-INELIGIBILITY = """
-    CASE WHEN NOT m.active THEN 'active'
-         WHEN NOT m.runtime_driver = ANY(%(drivers)s::text[]) THEN 'runtime_driver'
-         WHEN m.complexity_score < %(complexity)s THEN 'complexity'
-         WHEN m.base_memory_requirement > %(max_memory_mb)s THEN 'max_memory_mb'
-         WHEN NOT m.tags @> %(required_tags)s::text[] THEN 'required_tags'
-         WHEN m.id = ANY(%(exclude_ids)s::uuid[])
-           OR m.name || ':' || m.version = ANY(%(exclude_refs)s::text[]) THEN 'exclude'
-    END
-"""
+def selection_state(conn: psycopg.Connection) -> dict:
+    """What may change between two selections: the catalogue, the measured figures, warm runtimes."""
+    return conn.execute("""
+        SELECT (SELECT version FROM model_registry_version) AS catalogue_version,
+               (SELECT refreshed_at FROM model_performance_summary LIMIT 1) AS refreshed_at,
+               ARRAY(SELECT DISTINCT model_id::text FROM container_lifecycle
+                     WHERE status = 'running' AND health_status <> 'unhealthy') AS warm_model_ids
+    """).fetchone()
 
 
-def eligible_evidence(conn: psycopg.Connection, params: dict[str, Any]) -> list[tuple]:
-    """Per eligible model: what scoring needs, as tuples in the order of EVIDENCE_COLUMNS."""
-    with conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
-        return cur.execute(f"""
-            SELECT m.id, m.name, m.version, m.complexity_score, m.base_memory_requirement,
-                   m.runtime_driver,
-                   p.avg_latency_ms, p.p95_latency_ms, p.accuracy, p.success_rate,
-                   p.validation_pass_rate, p.feedback_score, p.tokens_per_second, p.load_time_ms,
-                   s.total_requests, s.success_rate, s.p95_processing_time,
-                   s.avg_tokens_per_second, s.validated_requests, s.validation_pass_rate,
-                   s.avg_feedback_score, s.avg_load_time,
-                   r.warm, r.load_time_ms
-            FROM model_registry m
-            CROSS JOIN LATERAL jsonb_to_record(m.performance_metrics) AS p(
-                avg_latency_ms float8, p95_latency_ms float8, accuracy float8, success_rate float8,
-                validation_pass_rate float8, feedback_score float8, tokens_per_second float8,
-                load_time_ms float8)
-            LEFT JOIN model_performance_summary s ON s.model_id = m.id
-            LEFT JOIN (
-                SELECT model_id,
-                       bool_or(status = 'running' AND health_status <> 'unhealthy') AS warm,
-                       avg(load_time_ms)::float8 AS load_time_ms
-                FROM container_lifecycle GROUP BY model_id
-            ) r ON r.model_id = m.id
-            WHERE m.task_types @> ARRAY[%(task_type)s::text]
-              AND ({INELIGIBILITY}) IS NULL
-        """, params).fetchall()
-
-
-EVIDENCE_COLUMNS = (
-    "id", "name", "version", "complexity_score", "base_memory_requirement", "runtime_driver",
-    "prior_avg_latency_ms", "prior_p95_latency_ms", "prior_accuracy", "prior_success_rate",
-    "prior_validation_pass_rate", "prior_feedback_score", "prior_tokens_per_second",
-    "prior_load_time_ms",
-    "total_requests", "success_rate", "p95_latency_ms", "tokens_per_second", "validated_requests",
-    "validation_pass_rate", "feedback_score", "avg_load_time_ms",
-    "warm", "runtime_load_time_ms",
-)
-
-
-def ineligible_counts(conn: psycopg.Connection, params: dict[str, Any]) -> list[dict]:
-    """Models serving the task type that break a rule: per rule (and driver), a count and examples."""
-    return conn.execute(f"""
-        SELECT rule, driver, count(*) AS count,
-               (array_agg(ref ORDER BY ref))[1:%(examples)s] AS models
-        FROM (
-            SELECT {INELIGIBILITY} AS rule, m.name || ':' || m.version AS ref,
-                   CASE WHEN m.active AND NOT m.runtime_driver = ANY(%(drivers)s::text[])
-                        THEN m.runtime_driver END AS driver
-            FROM model_registry m
-            WHERE m.task_types @> ARRAY[%(task_type)s::text]
-        ) t
-        WHERE rule IS NOT NULL
-        GROUP BY rule, driver
-        ORDER BY count DESC, rule, driver
-    """, params).fetchall()
-
-
-def count_all_models(conn: psycopg.Connection) -> int:
-    return conn.execute("SELECT count(*) AS n FROM model_registry").fetchone()["n"]
+def selection_facts(conn: psycopg.Connection) -> list[dict]:
+    """Every model with its priors and its measured 24-hour figures, ordered by name and version."""
+    return conn.execute("""
+        SELECT m.id, m.name, m.version, m.task_types, m.complexity_score,
+               m.base_memory_requirement, m.runtime_driver, m.tags, m.active,
+               p.avg_latency_ms AS prior_avg_latency_ms, p.p95_latency_ms AS prior_p95_latency_ms,
+               p.accuracy AS prior_accuracy, p.success_rate AS prior_success_rate,
+               p.validation_pass_rate AS prior_validation_pass_rate,
+               p.feedback_score AS prior_feedback_score,
+               p.tokens_per_second AS prior_tokens_per_second, p.load_time_ms AS prior_load_time_ms,
+               coalesce(s.total_requests, 0) AS total_requests, s.success_rate,
+               s.p95_processing_time AS p95_latency_ms,
+               s.avg_tokens_per_second AS tokens_per_second,
+               coalesce(s.validated_requests, 0) AS validated_requests, s.validation_pass_rate,
+               s.avg_feedback_score AS feedback_score, s.avg_load_time AS load_time_ms
+        FROM model_registry m
+        CROSS JOIN LATERAL jsonb_to_record(m.performance_metrics) AS p(
+            avg_latency_ms float8, p95_latency_ms float8, accuracy float8, success_rate float8,
+            validation_pass_rate float8, feedback_score float8, tokens_per_second float8,
+            load_time_ms float8)
+        LEFT JOIN model_performance_summary s ON s.model_id = m.id
+        ORDER BY m.name, m.version, m.id
+    """).fetchall()

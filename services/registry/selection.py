@@ -1,9 +1,15 @@
 """Which models can take a request, ranked by a score that explains itself.
 
-Eligibility (checked in SQL, first broken rule wins): the model is active, serves the task type,
-its runtime driver is enabled (`settings.runtime_drivers`), its complexity_score is at least the
-requested complexity (it is capable enough), its base memory fits `max_memory_mb`, it carries the
-required tags and it is not excluded. Then, in Python: its expected latency fits `max_latency_ms`.
+Eligibility, checked in this order (a model is reported under the first rule it breaks): it
+serves the task type, is active, its runtime driver is enabled (`settings.runtime_drivers`), its
+complexity_score is at least the requested complexity (it is capable enough), its base memory fits
+`max_memory_mb`, it carries the required tags, it is not excluded, and its expected latency
+fits `max_latency_ms`.
+
+Speed. The catalogue's request-independent facts (below) are held in memory as arrays, keyed by
+the catalogue version (bumped by a trigger on every write to model_registry) and the refresh time
+of the performance view; each selection reads that key and the warm runtimes in one small query,
+filters and scores with array arithmetic, then reads the full rows of the top candidates only.
 
 Evidence. Each figure blends what was measured in the last 24 hours (the materialized view
 `model_performance_summary`, n samples) with the catalogue's prior (`performance_metrics`) by
@@ -13,8 +19,9 @@ validation and feedback priors from `accuracy`). Feedback is weighted as the win
 
 Cold start. A model is warm when one of its runtimes is 'running' and not 'unhealthy' (the shared
 `container_lifecycle` table); external endpoints are always warm. A cold model's expected latency
-is p95 + load time (measured: the view's avg_load_time, else its runtimes' load_time_ms; else
-the prior load_time_ms; else DEFAULT_LOAD_TIME_MS for its driver).
+is p95 + load time: measured (the view's avg_load_time, from the load_time_ms the orchestrator
+logs on the attempt that loaded the model), else the prior load_time_ms, else
+DEFAULT_LOAD_TIME_MS for its driver.
 
 Score = sum over objectives of weight x objective (weights normalised to sum 1), each in (0, 1]:
   speed    = 1 / (1 + expected_latency_ms / LATENCY_SCALE_MS)
@@ -29,13 +36,12 @@ Ties are broken by name, version and id: the same data always gives the same ran
 """
 from __future__ import annotations
 
-import heapq
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
+import numpy as np
 import psycopg
 
 from services.common.config import Settings
@@ -124,57 +130,133 @@ class NoCandidate(Unprocessable):
                          filtered=[vars(g) for g in filtered])
 
 
-class Evidence(NamedTuple):
-    """One eligible model's blended figures."""
+class Catalogue:
+    """Every model's request-independent facts as arrays, in (name, version, id) order.
 
-    row: tuple
-    success_rate: float
-    p95_latency_ms: float
-    tokens_per_second: float | None
-    validation_pass_rate: float
-    feedback_score: float
-    sample_size: int
-    warm: bool
-    load_time_ms: float
-    expected_latency_ms: float
+    Built once per catalogue version and performance refresh (see `_CatalogueCache`), so a
+    selection does array arithmetic instead of reading and scoring thousands of rows.
+    """
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.ids = [row["id"] for row in rows]
+        self.refs = np.array([f"{row['name']}:{row['version']}" for row in rows], dtype=object)
+        self.position = {ref: i for i, ref in enumerate(self.refs)}
+        self.position.update((str(model_id), i) for i, model_id in enumerate(self.ids))
+        self.serves = _membership(rows, "task_types")
+        self.tagged = _membership(rows, "tags")
+        self.active = np.array([row["active"] for row in rows], dtype=bool)
+        self.complexity = np.array([row["complexity_score"] for row in rows], dtype=np.int64)
+        self.memory_mb = np.array([row["base_memory_requirement"] for row in rows], dtype=np.int64)
+        self.drivers = _membership(rows, "runtime_driver")
+        self.external = self.drivers.get("external", np.zeros(len(rows), dtype=bool))
+        evidence = np.array([_blended(row) for row in rows], dtype=np.float64).reshape(-1, 7)
+        (self.success_rate, self.p95_latency_ms, self.tokens_per_second, self.validation_pass_rate,
+         self.feedback_score, self.sample_size, self.load_time_ms) = evidence.T
+        self.accuracy = self.success_rate * (2 * self.validation_pass_rate + self.feedback_score) / 3
+        self.memory = 1.0 / (1.0 + self.memory_mb / MEMORY_SCALE_MB)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def serving(self, task_type: str) -> np.ndarray:
+        return self.serves.get(task_type, np.zeros(len(self), dtype=bool)).copy()
+
+    def with_tags(self, tags: Iterable[str]) -> np.ndarray:
+        mask = np.ones(len(self), dtype=bool)
+        for tag in tags:
+            mask &= self.tagged.get(tag, np.zeros(len(self), dtype=bool))
+        return mask
+
+    def marked(self, refs: Iterable[str]) -> np.ndarray:
+        """The models named by id (lower-case text) or name:version."""
+        mask = np.zeros(len(self), dtype=bool)
+        mask[[self.position[ref] for ref in refs if ref in self.position]] = True
+        return mask
+
+
+class _CatalogueCache:
+    """The catalogue of the latest (catalogue version, performance refresh) this process saw."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple, Catalogue] | None = None
+
+    def get(self, conn: psycopg.Connection, key: tuple) -> Catalogue:
+        entry = self._entry
+        if entry is None or entry[0] != key:
+            # Another thread may build it too; the last one wins and both are correct.
+            entry = (key, Catalogue(queries.selection_facts(conn)))
+            self._entry = entry
+        return entry[1]
+
+
+_catalogues = _CatalogueCache()
 
 
 def select_models(conn: psycopg.Connection, request: SelectionRequest,
                   settings: Settings) -> Selection:
     """Rank the models that can take `request`; raise NoCandidate when none can."""
-    params = _query_params(request, settings)
-    evidence = [_evidence(row) for row in queries.eligible_evidence(conn, params)]
-    filtered = _filtered_in_sql(conn, params, request)
-    if request.max_latency_ms is not None:
-        too_slow = [e for e in evidence if e.expected_latency_ms > request.max_latency_ms]
-        evidence = [e for e in evidence if e.expected_latency_ms <= request.max_latency_ms]
-        if too_slow:
-            filtered.append(_group("max_latency_ms", [_ref(e.row) for e in too_slow], request))
-    if not evidence:
-        raise NoCandidate(request, filtered or _nothing_serves(conn, request))
+    state = queries.selection_state(conn)
+    catalogue = _catalogues.get(conn, (state["catalogue_version"], state["refreshed_at"]))
+    warm = catalogue.marked(state["warm_model_ids"]) | catalogue.external
+    expected_latency = catalogue.p95_latency_ms + np.where(warm, 0.0, catalogue.load_time_ms)
+    eligible, filtered = _eligible(catalogue, request, settings, expected_latency)
+    if not eligible.size:
+        raise NoCandidate(request, filtered or _nothing_serves(catalogue, request))
 
     weights = _normalised(request.weights or DEFAULT_WEIGHTS)
-    total_samples = sum(e.sample_size for e in evidence)
-    scored = ((_score(e, request, weights, total_samples), e) for e in evidence)
-    top = heapq.nsmallest(request.limit, scored, key=lambda s: (-s[0], s[1].row[1], s[1].row[2],
-                                                                 str(s[1].row[0])))
-    models = {m["id"]: m for m in queries.get_models(conn, [e.row[0] for _, e in top])}
-    candidates = [_candidate(models[e.row[0]], e, request, weights, total_samples) for _, e in top]
+    samples = catalogue.sample_size[eligible]
+    parts = {
+        "speed": weights["speed"] / (1.0 + expected_latency[eligible] / LATENCY_SCALE_MS),
+        "accuracy": weights["accuracy"] * catalogue.accuracy[eligible],
+        "memory": weights["memory"] * catalogue.memory[eligible],
+        "cost": weights["cost"] / (1.0 + (catalogue.complexity[eligible] - request.complexity)
+                                   / COST_SCALE),
+        "exploration": EXPLORATION_C * np.sqrt(np.log1p(samples.sum()) / (1.0 + samples)),
+        "warm": WARM_BONUS * warm[eligible] if request.prefer_warm else np.zeros(eligible.size),
+    }
+    scores = sum(parts.values())
+    # Stable: equal scores keep the catalogue's (name, version, id) order.
+    ranked = np.argsort(-scores, kind="stable")[:request.limit]
+    models = {m["id"]: m for m in queries.get_models(conn, [catalogue.ids[eligible[r]] for r in ranked])}
+    candidates = [
+        Candidate(model=models[catalogue.ids[i]], score=float(scores[r]),
+                  breakdown={name: float(part[r]) for name, part in parts.items()},
+                  data=_data(catalogue, i, bool(warm[i]), float(expected_latency[i]),
+                             float(parts["exploration"][r])))
+        for r, i in zip(ranked, eligible[ranked]) if catalogue.ids[i] in models]
     return Selection(task_type=request.task_type, complexity=request.complexity, weights=weights,
-                     eligible_count=len(evidence), candidates=candidates, filtered=filtered)
+                     eligible_count=int(eligible.size), candidates=candidates, filtered=filtered)
 
 
-def _query_params(request: SelectionRequest, settings: Settings) -> dict:
-    ids, refs = [], []
-    for entry in request.exclude:
-        try:
-            ids.append(uuid.UUID(entry))
-        except ValueError:
-            refs.append(entry)
-    return {"task_type": request.task_type, "complexity": request.complexity,
-            "drivers": list(settings.runtime_drivers), "max_memory_mb": request.max_memory_mb,
-            "required_tags": list(request.required_tags), "exclude_ids": ids,
-            "exclude_refs": refs, "examples": EXAMPLES_PER_REASON}
+def _rules(catalogue: Catalogue, request: SelectionRequest, settings: Settings,
+           expected_latency: np.ndarray) -> Iterator[tuple[str, np.ndarray, str]]:
+    """(constraint, the models that break it, driver) in the order they are checked."""
+    yield "active", ~catalogue.active, ""
+    for driver in sorted(catalogue.drivers.keys() - set(settings.runtime_drivers)):
+        yield "runtime_driver", catalogue.drivers[driver], driver
+    yield "complexity", catalogue.complexity < request.complexity, ""
+    if request.max_memory_mb is not None:
+        yield "max_memory_mb", catalogue.memory_mb > request.max_memory_mb, ""
+    if request.required_tags:
+        yield "required_tags", ~catalogue.with_tags(request.required_tags), ""
+    if request.exclude:
+        yield "exclude", catalogue.marked(map(_normal_ref, request.exclude)), ""
+    if request.max_latency_ms is not None:
+        yield "max_latency_ms", expected_latency > request.max_latency_ms, ""
+
+
+def _eligible(catalogue: Catalogue, request: SelectionRequest, settings: Settings,
+              expected_latency: np.ndarray) -> tuple[np.ndarray, list[FilterGroup]]:
+    """Positions of the eligible models, and the others grouped by the first rule they break."""
+    remaining = catalogue.serving(request.task_type)
+    filtered = []
+    for constraint, breaks, driver in _rules(catalogue, request, settings, expected_latency):
+        dropped = np.flatnonzero(remaining & breaks)
+        if dropped.size:
+            filtered.append(_group(constraint, request, int(dropped.size),
+                                   catalogue.refs[dropped[:EXAMPLES_PER_REASON]].tolist(), driver))
+            remaining &= ~breaks
+    return np.flatnonzero(remaining), filtered
 
 
 def _blend(measured: float | None, n: int, prior: float) -> float:
@@ -183,70 +265,64 @@ def _blend(measured: float | None, n: int, prior: float) -> float:
     return (n * measured + PRIOR_WEIGHT * prior) / (n + PRIOR_WEIGHT)
 
 
-def _evidence(row: tuple) -> Evidence:
-    (_, _, _, _, _, driver, prior_avg, prior_p95, prior_accuracy, prior_success,
-     prior_validation, prior_feedback, prior_tps, prior_load, n, success, p95, tps,
-     validated, validation, feedback, avg_load, runtime_warm, runtime_load) = row
-    n = n or 0
-    accuracy = DEFAULT_ACCURACY if prior_accuracy is None else prior_accuracy
-    if prior_p95 is None:
-        prior_p95 = DEFAULT_P95_MS if prior_avg is None else prior_avg * P95_PER_MEAN
-    p95_latency = _blend(p95, n, prior_p95)
-    if prior_tps is not None:
-        tps = _blend(tps, n, prior_tps)
-    measured_load = avg_load if avg_load is not None else runtime_load
-    load = measured_load if measured_load is not None else prior_load
-    load = DEFAULT_LOAD_TIME_MS[driver] if load is None else load
-    warm = bool(runtime_warm) or driver == "external"
-    return Evidence(
-        row=row,
-        success_rate=_blend(success, n, DEFAULT_SUCCESS_RATE if prior_success is None
-                            else prior_success),
-        p95_latency_ms=p95_latency,
-        tokens_per_second=tps,
-        validation_pass_rate=_blend(validation, validated or 0,
-                                    accuracy if prior_validation is None else prior_validation),
-        feedback_score=_blend(feedback, n, accuracy if prior_feedback is None else prior_feedback),
-        sample_size=n,
-        warm=warm,
-        load_time_ms=load,
-        expected_latency_ms=p95_latency if warm else p95_latency + load,
+def _blended(row: dict) -> tuple[float, ...]:
+    """success, p95, tokens/s (nan if unknown), validation, feedback, samples, load time."""
+    n = row["total_requests"]
+    accuracy = _first(row["prior_accuracy"], DEFAULT_ACCURACY)
+    prior_p95 = _first(row["prior_p95_latency_ms"],
+                       None if row["prior_avg_latency_ms"] is None
+                       else row["prior_avg_latency_ms"] * P95_PER_MEAN, DEFAULT_P95_MS)
+    prior_tps = row["prior_tokens_per_second"]
+    tps = row["tokens_per_second"] if prior_tps is None else _blend(row["tokens_per_second"], n,
+                                                                     prior_tps)
+    return (
+        _blend(row["success_rate"], n, _first(row["prior_success_rate"], DEFAULT_SUCCESS_RATE)),
+        _blend(row["p95_latency_ms"], n, prior_p95),
+        math.nan if tps is None else tps,
+        _blend(row["validation_pass_rate"], row["validated_requests"],
+               _first(row["prior_validation_pass_rate"], accuracy)),
+        _blend(row["feedback_score"], n, _first(row["prior_feedback_score"], accuracy)),
+        n,
+        _first(row["load_time_ms"], row["prior_load_time_ms"],
+               DEFAULT_LOAD_TIME_MS[row["runtime_driver"]]),
     )
 
 
-def _objectives(e: Evidence, complexity: int) -> tuple[float, float, float, float]:
-    speed = 1.0 / (1.0 + e.expected_latency_ms / LATENCY_SCALE_MS)
-    accuracy = e.success_rate * (2 * e.validation_pass_rate + e.feedback_score) / 3
-    memory = 1.0 / (1.0 + e.row[4] / MEMORY_SCALE_MB)
-    cost = 1.0 / (1.0 + (e.row[3] - complexity) / COST_SCALE)
-    return speed, accuracy, memory, cost
+def _first(*values: float | None) -> float | None:
+    return next((value for value in values if value is not None), None)
 
 
-def _exploration_bonus(sample_size: int, total_samples: int) -> float:
-    return EXPLORATION_C * math.sqrt(math.log1p(total_samples) / (1 + sample_size))
+def _membership(rows: list[dict], key: str) -> dict[str, np.ndarray]:
+    """For each value of a column (or of an array column), which models have it."""
+    masks: dict[str, np.ndarray] = {}
+    for i, row in enumerate(rows):
+        for value in row[key] if isinstance(row[key], list) else [row[key]]:
+            masks.setdefault(value, np.zeros(len(rows), dtype=bool))[i] = True
+    return masks
 
 
-def _score(e: Evidence, request: SelectionRequest, weights: dict[str, float],
-           total_samples: int) -> float:
-    speed, accuracy, memory, cost = _objectives(e, request.complexity)
-    return (weights["speed"] * speed + weights["accuracy"] * accuracy
-            + weights["memory"] * memory + weights["cost"] * cost
-            + _exploration_bonus(e.sample_size, total_samples)
-            + (WARM_BONUS if request.prefer_warm and e.warm else 0.0))
+def _normal_ref(ref: str) -> str:
+    try:
+        return str(uuid.UUID(ref))
+    except ValueError:
+        return ref
 
 
-def _candidate(model: dict, e: Evidence, request: SelectionRequest, weights: dict[str, float],
-               total_samples: int) -> Candidate:
-    objectives = dict(zip(OBJECTIVES, _objectives(e, request.complexity)))
-    bonus = _exploration_bonus(e.sample_size, total_samples)
-    breakdown = {name: weights[name] * objectives[name] for name in OBJECTIVES}
-    breakdown["exploration"] = bonus
-    breakdown["warm"] = WARM_BONUS if request.prefer_warm and e.warm else 0.0
-    data = e._asdict()
-    del data["row"]
-    data["exploration_bonus"] = bonus
-    return Candidate(model=model, score=_score(e, request, weights, total_samples),
-                     breakdown=breakdown, data=data)
+def _data(catalogue: Catalogue, i: int, warm: bool, expected_latency_ms: float,
+          exploration_bonus: float) -> dict:
+    tokens_per_second = float(catalogue.tokens_per_second[i])
+    return {
+        "success_rate": float(catalogue.success_rate[i]),
+        "p95_latency_ms": float(catalogue.p95_latency_ms[i]),
+        "tokens_per_second": None if math.isnan(tokens_per_second) else tokens_per_second,
+        "validation_pass_rate": float(catalogue.validation_pass_rate[i]),
+        "feedback_score": float(catalogue.feedback_score[i]),
+        "sample_size": int(catalogue.sample_size[i]),
+        "warm": warm,
+        "load_time_ms": float(catalogue.load_time_ms[i]),
+        "expected_latency_ms": expected_latency_ms,
+        "exploration_bonus": exploration_bonus,
+    }
 
 
 def _normalised(weights: Mapping[str, float]) -> dict[str, float]:
@@ -256,24 +332,11 @@ def _normalised(weights: Mapping[str, float]) -> dict[str, float]:
     return {name: weights.get(name, 0.0) / total for name in OBJECTIVES}
 
 
-def _ref(row: tuple) -> str:
-    return f"{row[1]}:{row[2]}"
-
-
-def _group(constraint: str, refs: list[str], request: SelectionRequest, driver: str = "",
-           count: int | None = None) -> FilterGroup:
+def _group(constraint: str, request: SelectionRequest, count: int, models: list[str],
+           driver: str = "") -> FilterGroup:
     reason = REASONS[constraint].format(driver=driver, **vars(request))
-    return FilterGroup(constraint=constraint, reason=reason,
-                       count=len(refs) if count is None else count,
-                       models=sorted(refs)[:EXAMPLES_PER_REASON])
+    return FilterGroup(constraint=constraint, reason=reason, count=count, models=models)
 
 
-def _filtered_in_sql(conn: psycopg.Connection, params: dict,
-                     request: SelectionRequest) -> list[FilterGroup]:
-    return [_group(row["rule"], row["models"], request, row["driver"] or "", row["count"])
-            for row in queries.ineligible_counts(conn, params)]
-
-
-def _nothing_serves(conn: psycopg.Connection, request: SelectionRequest) -> list[FilterGroup]:
-    total = queries.count_all_models(conn)
-    return [_group("task_type", [], request, count=total)] if total else []
+def _nothing_serves(catalogue: Catalogue, request: SelectionRequest) -> list[FilterGroup]:
+    return [_group("task_type", request, len(catalogue), [])] if len(catalogue) else []
