@@ -5,6 +5,7 @@ from uuid import UUID
 
 from flask.views import MethodView
 from flask_smorest import Blueprint
+from marshmallow import RAISE
 
 from services.common.app import current_settings
 from services.common.db import get_db
@@ -19,7 +20,7 @@ blp = Blueprint("registry", __name__, description="Model catalogue, selection an
 
 @blp.route("/models")
 class Models(MethodView):
-    @blp.arguments(ModelListArgsSchema, location="query")
+    @blp.arguments(ModelListArgsSchema, location="query", unknown=RAISE)
     @blp.response(200, ModelPageSchema)
     def get(self, args):
         """List models (filters: task_type, tag, active, name), ordered by name and version."""
@@ -53,7 +54,7 @@ class Model(MethodView):
         with get_db().connection() as conn:
             return catalogue.update_model(conn, model_id, changes)
 
-    @blp.arguments(DeleteArgsSchema, location="query")
+    @blp.arguments(DeleteArgsSchema, location="query", unknown=RAISE)
     @blp.response(200, DeletionSchema)
     @blp.alt_response(404, description="No such model")
     @blp.alt_response(409, description="A hard delete of a model with live runtimes")
