@@ -1,4 +1,4 @@
-"""SQL of the registry: the catalogue, the evidence selection scores from, and why models drop out."""
+"""SQL of the registry: the catalogue, and the facts and runtime state selection works from."""
 from __future__ import annotations
 
 from typing import Any
