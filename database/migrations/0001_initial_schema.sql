@@ -47,6 +47,24 @@ CREATE INDEX model_registry_active_idx ON model_registry (id) WHERE active;
 CREATE TRIGGER model_registry_updated_at BEFORE UPDATE ON model_registry
     FOR EACH ROW EXECUTE FUNCTION set_updated_at();
 
+-- A new random version on every write to the catalogue, visible when the write commits: a
+-- process keeps an in-memory copy of the catalogue for selection and checks it with one read.
+CREATE TABLE model_registry_version (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version     uuid NOT NULL DEFAULT gen_random_uuid()
+);
+INSERT INTO model_registry_version DEFAULT VALUES;
+
+CREATE FUNCTION bump_model_registry_version() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE model_registry_version SET version = gen_random_uuid();
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER model_registry_version_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+    ON model_registry FOR EACH STATEMENT EXECUTE FUNCTION bump_model_registry_version();
+
 -- Runtimes of models (a process, a container or an external endpoint), whatever the driver.
 CREATE TABLE container_lifecycle (
     id                  uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -262,7 +280,8 @@ SELECT
       WHERE f.model_id = m.id AND f.created_at > now() - interval '24 hours')::double precision
                                                                 AS avg_feedback_score,
     max(pl.logged_at)                                           AS last_used,
-    now()                                                       AS refreshed_at
+    -- Not now(): two refreshes in one transaction must still differ (selection caches by it).
+    statement_timestamp()                                       AS refreshed_at
 FROM model_registry m
 LEFT JOIN performance_logs pl
     ON pl.model_id = m.id
