@@ -115,6 +115,11 @@ class PerformanceMetricsSchema(Schema):
     sample_size = fields.Integer(strict=True, allow_none=True, validate=validate.Range(0, 2**53))
     context_length = fields.Integer(strict=True, allow_none=True,
                                     validate=validate.Range(1, 10_000_000))
+    # Written by the optimizer's re-ranking: its window, when, and the catalogue priors it kept.
+    window_seconds = fields.Integer(strict=True, allow_none=True, validate=validate.Range(1, 2**31 - 1))
+    updated_at = fields.AwareDateTime(allow_none=True)
+    priors = fields.Dict(keys=fields.String(validate=validate.Length(1, 50)),
+                         values=fields.Float(allow_none=True), validate=validate.Length(max=20))
 
 
 class ModelSchema(Schema):
