@@ -381,7 +381,7 @@ def _check_one(db: Database, row: dict, settings: Settings) -> dict | None:
     if not driver.manages_lifecycle or (alive and row["health_status"] != "unhealthy"):
         with db.connection() as conn:
             queries.record_health(conn, row["id"], "unhealthy")
-        return _action(row, "unhealthy", "alive but not answering its probe" if alive else "not answering")
+        return _action(row, "unhealthy", "not answering its probe")
     tail = driver.log_tail(row, LOG_TAIL_CHARS)
     _stop_quietly(driver, row)
     reason = "exited" if not alive else "stopped answering"
