@@ -105,7 +105,7 @@ def live_runtimes(conn: psycopg.Connection, *, model_id: str | None = None,
         WHERE r.status IN ('starting', 'running', 'draining', 'stopping')
           AND (%(model_id)s::uuid IS NULL OR r.model_id = %(model_id)s)
           AND (%(driver)s::text IS NULL OR r.driver = %(driver)s)
-        ORDER BY r.created_at
+        ORDER BY r.created_at, r.id
     """, {"model_id": model_id, "driver": driver}).fetchall()
 
 

@@ -177,12 +177,13 @@ def test_restart_keeps_the_id_and_counts(db, conn, model, settings):
 
 def test_scale_up_and_down(db, conn, model, settings):
     up = lifecycle.scale_model(db, model["id"], 2, settings)
-    live = queries.live_runtimes(conn, model_id=model["id"])
-    assert up == {"model_id": model["id"], "replicas": 2, "started": [r["id"] for r in live], "stopped": []}
+    busy, idle = up["started"]
+    assert up == {"model_id": model["id"], "replicas": 2, "started": [busy, idle], "stopped": []}
+    assert {row["id"] for row in queries.live_runtimes(conn, model_id=model["id"])} == {busy, idle}
 
-    lifecycle.acquire_runtime(db, live[0]["id"])
+    lifecycle.acquire_runtime(db, busy)
     down = lifecycle.scale_model(db, model["id"], 1, settings)
-    assert down == {"model_id": model["id"], "replicas": 1, "started": [], "stopped": [live[1]["id"]]}
+    assert down == {"model_id": model["id"], "replicas": 1, "started": [], "stopped": [idle]}
 
     assert lifecycle.scale_model(db, model["id"], 1, settings) == {
         "model_id": model["id"], "replicas": 1, "started": [], "stopped": []}
@@ -206,15 +207,15 @@ def test_health_marks_an_external_runtime_that_stops_answering_unhealthy_never_r
 
 
 def test_autoscale_adds_a_replica_when_the_queue_is_long(db, conn, model, settings):
-    lifecycle.ensure_runtime(db, model["id"], settings)
+    first = lifecycle.ensure_runtime(db, model["id"], settings)
     for _ in range(5):
         conn.execute("INSERT INTO request_queue (request_payload, task_type, assigned_model_id) "
                      "VALUES ('{}', 'text-generation', %s)", (model["id"],))
 
     actions = lifecycle.autoscale(db, settings)
 
-    live = queries.live_runtimes(conn, model_id=model["id"])
-    assert actions == [{"model_id": model["id"], "runtime_id": live[1]["id"], "action": "started",
+    [added] = [row for row in queries.live_runtimes(conn, model_id=model["id"]) if row["id"] != first["id"]]
+    assert actions == [{"model_id": model["id"], "runtime_id": added["id"], "action": "started",
                         "detail": "5 pending for 1 replica(s)"}]
     assert lifecycle.autoscale(db, settings) == []  # 5 pending for 2 replicas is within 4 per replica
 

@@ -166,6 +166,7 @@ class ProcessDriver:
     def stop(self, runtime: dict) -> None:
         if self.is_running(runtime):
             self._signal(runtime, signal.SIGTERM)
+            self._signal(runtime, signal.SIGCONT)  # a stopped (SIGSTOP) server handles TERM only once resumed
             if not self._wait_gone(runtime, STOP_GRACE_S):
                 self._signal(runtime, signal.SIGKILL)
                 self._wait_gone(runtime, STOP_GRACE_S)
