@@ -56,3 +56,4 @@ def stop_started_processes(settings: Settings) -> Iterator[None]:
         record = json.loads(pid_file.read_text())
         ref = {"id": record["runtime_id"], "pid": record["pid"], "driver_state": {"start_time": record["start_time"]}}
         process.ProcessDriver(settings, record["scope"]).stop(ref)
+    process.reap_children()  # servers a test killed itself

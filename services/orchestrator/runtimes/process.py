@@ -112,7 +112,8 @@ def process_start_time(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
-def _reap_children() -> None:
+def reap_children() -> None:
+    """Collect the exit status of servers this process started that have ended."""
     with _children_lock:
         for pid, child in list(_children.items()):
             if child.poll() is not None:
@@ -154,7 +155,7 @@ class ProcessDriver:
                         driver_state={"start_time": start_time, "server": server, "scope": self.scope})
 
     def is_running(self, runtime: dict) -> bool:
-        _reap_children()
+        reap_children()
         pid, start_time = runtime.get("pid"), (runtime.get("driver_state") or {}).get("start_time")
         return bool(pid) and start_time is not None and process_start_time(pid) == start_time
 
@@ -170,7 +171,7 @@ class ProcessDriver:
             if not self._wait_gone(runtime, STOP_GRACE_S):
                 self._signal(runtime, signal.SIGKILL)
                 self._wait_gone(runtime, STOP_GRACE_S)
-        _reap_children()
+        reap_children()
         (self.runtime_dir / f"{runtime['id']}.json").unlink(missing_ok=True)
 
     def find_managed(self) -> list[Managed]:
