@@ -1,11 +1,32 @@
 """Model runtimes, the request queue and the dispatch pipeline."""
 from __future__ import annotations
 
+import logging
+
+import psycopg
 from flask import Flask
+from psycopg_pool import PoolTimeout
 
 from services.common.app import create_service_app
+from services.orchestrator import lifecycle
+from services.orchestrator.api import blp as runtimes_blp
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(test_config: dict | None = None) -> Flask:
     """The Orchestrator service app (gunicorn: 'services.orchestrator:create_app()')."""
-    return create_service_app("orchestrator", "Orchestrator", [], test_config, import_name=__name__)
+    app = create_service_app("orchestrator", "Orchestrator", [runtimes_blp], test_config, import_name=__name__)
+    if app.config.get("RECONCILE_ON_START", True):
+        _reconcile_at_start(app)
+    return app
+
+
+def _reconcile_at_start(app: Flask) -> None:
+    """Fix the runtime table against what really runs; a database still down must not stop the start."""
+    try:
+        report = lifecycle.reconcile(app.extensions["database"], app.extensions["settings"])
+    except (psycopg.Error, PoolTimeout):
+        logger.warning("reconcile at start skipped: the database is unavailable", exc_info=True)
+        return
+    logger.info("reconciled runtimes", extra={"actions": report["actions"], "skipped": report["skipped"]})

@@ -1,0 +1,387 @@
+"""Clients for model servers: one interface over the Ollama and OpenAI protocols.
+
+`generate` returns a `Generation` (text, token counts, timings); `stream` yields text chunks and
+holds the `Generation` once exhausted. Failures raise problems dispatch can act on:
+`ModelServerError` (502: refused, dropped, 5xx, garbage) and `ModelServerTimeout` (504).
+POSTs are never retried here: a request that reached a model server is not sent twice.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import requests
+
+from services.common.errors import BadGateway, GatewayTimeout
+from services.common.http import TimeoutSession, http_session
+
+CONNECT_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 1.0
+DEFAULT_GENERATION_TIMEOUT_S = 300.0
+
+
+class ModelServerError(BadGateway):
+    """The model server failed or answered something unusable (worth a retry elsewhere)."""
+
+
+class ModelServerTimeout(GatewayTimeout):
+    """The model server did not answer in time."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Generation options both protocols understand."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    # "json" for any JSON value, or a JSON schema the output must match.
+    response_format: str | dict | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Timings:
+    load_ms: float | None = None
+    prompt_ms: float | None = None
+    generation_ms: float | None = None
+    total_ms: float = 0.0
+    tokens_per_second: float | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    input_tokens: int | None
+    output_tokens: int | None
+    timings: Timings = field(default_factory=Timings)
+    finish_reason: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@lru_cache(maxsize=1)
+def model_session() -> TimeoutSession:
+    """One pooled session per process for model servers; no retries (probes poll by themselves)."""
+    return http_session(timeout_s=DEFAULT_GENERATION_TIMEOUT_S, retries=0, pool_size=64)
+
+
+class GenerationStream:
+    """Text chunks as they arrive; `result` is the whole `Generation` once the stream is exhausted."""
+
+    def __init__(self, response: requests.Response, parse: Callable[[requests.Response, float], Iterator]) -> None:
+        self._response = response
+        self._parse = parse
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        started = time.perf_counter()
+        try:
+            for item in self._parse(self._response, started):
+                if isinstance(item, Generation):
+                    self.result = item
+                else:
+                    yield item
+        except requests.Timeout as exc:
+            raise ModelServerTimeout("the model server stopped sending before the answer was complete") from exc
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            raise ModelServerError(f"the model server broke off its stream: {exc}") from exc
+        finally:
+            self._response.close()
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class ModelClient:
+    """A model server at `base_url` serving `model_name`; subclasses speak one protocol."""
+
+    protocol = ""
+
+    def __init__(self, base_url: str, model_name: str, *, timeout_s: float = DEFAULT_GENERATION_TIMEOUT_S,
+                 session: TimeoutSession | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.session = session or model_session()
+
+    def generate(self, prompt: str | None = None, messages: list[dict] | None = None,
+                 options: Options = Options()) -> Generation:
+        """One whole answer."""
+        started = time.perf_counter()
+        body = self._post(*self._request(prompt, messages, options, stream=False)).json_body()
+        try:
+            return self._generation(body, (time.perf_counter() - started) * 1000)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ModelServerError(f"the model server's answer has an unexpected shape: {exc}") from exc
+
+    def stream(self, prompt: str | None = None, messages: list[dict] | None = None,
+               options: Options = Options()) -> GenerationStream:
+        """The answer as it is generated."""
+        path, body = self._request(prompt, messages, options, stream=True)
+        return GenerationStream(self._post(path, body, stream=True).response, self._parse_stream)
+
+    def ready(self) -> bool:
+        """Whether the server answers and has its model loaded (a cheap probe)."""
+        raise NotImplementedError
+
+    def models(self) -> list[str]:
+        """The model names the server offers."""
+        raise NotImplementedError
+
+    # Protocol specifics.
+    def _request(self, prompt, messages, options, *, stream: bool) -> tuple[str, dict]:
+        raise NotImplementedError
+
+    def _generation(self, body: dict, total_ms: float) -> Generation:
+        raise NotImplementedError
+
+    def _parse_stream(self, response: requests.Response, started: float) -> Iterator:
+        raise NotImplementedError
+
+    # HTTP.
+    def _get(self, path: str, timeout_s: float = PROBE_TIMEOUT_S) -> requests.Response | None:
+        try:
+            return self.session.get(self.base_url + path, timeout=timeout_s)
+        except requests.RequestException:
+            return None
+
+    def _get_json(self, path: str) -> dict:
+        try:
+            response = self.session.get(self.base_url + path, timeout=(CONNECT_TIMEOUT_S, self.timeout_s))
+        except requests.Timeout as exc:
+            raise ModelServerTimeout(f"{self.base_url}{path} did not answer in time") from exc
+        except requests.RequestException as exc:
+            raise ModelServerError(f"{self.base_url}{path} is unreachable: {exc}") from exc
+        return _Answer(self.base_url + path, response).json_body()
+
+    def _post(self, path: str, body: dict, *, stream: bool = False) -> _Answer:
+        url = self.base_url + path
+        try:
+            response = self.session.post(url, json=body, stream=stream, timeout=(CONNECT_TIMEOUT_S, self.timeout_s))
+        except requests.Timeout as exc:
+            raise ModelServerTimeout(f"{url} did not answer within {self.timeout_s:g} s") from exc
+        except requests.RequestException as exc:
+            raise ModelServerError(f"{url} failed: {exc}") from exc
+        return _Answer(url, response).checked()
+
+
+@dataclass
+class _Answer:
+    url: str
+    response: requests.Response
+
+    def checked(self) -> _Answer:
+        if self.response.status_code >= 400:
+            excerpt = self.response.text[:500]
+            self.response.close()
+            raise ModelServerError(f"{self.url} answered {self.response.status_code}: {excerpt}",
+                                   upstream_status=self.response.status_code)
+        return self
+
+    def json_body(self) -> dict:
+        self.checked()
+        try:
+            body = self.response.json()
+        except (ValueError, requests.RequestException) as exc:
+            raise ModelServerError(f"{self.url} answered something that is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ModelServerError(f"{self.url} answered JSON that is not an object")
+        return body
+
+
+def _messages(prompt: str | None, messages: list[dict] | None) -> list[dict]:
+    return list(messages) if messages else [{"role": "user", "content": prompt or ""}]
+
+
+def _per_second(tokens: int | None, ms: float | None) -> float | None:
+    return tokens / (ms / 1000) if tokens and ms else None
+
+
+class OpenAIClient(ModelClient):
+    """`/v1/chat/completions` and `/v1/models` (llama.cpp's server, vLLM, ...)."""
+
+    protocol = "openai"
+
+    def ready(self) -> bool:
+        response = self._get("/health")
+        if response is not None and response.status_code == 404:  # servers without /health
+            response = self._get("/v1/models")
+        return response is not None and response.status_code == 200
+
+    def models(self) -> list[str]:
+        return [item["id"] for item in self._get_json("/v1/models").get("data", [])]
+
+    def _request(self, prompt, messages, options, *, stream):
+        body = {"model": self.model_name, "messages": _messages(prompt, messages), "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if options.max_tokens is not None:
+            body["max_tokens"] = options.max_tokens
+        if options.temperature is not None:
+            body["temperature"] = options.temperature
+        if options.stop:
+            body["stop"] = list(options.stop)
+        if options.seed is not None:
+            body["seed"] = options.seed
+        if options.response_format == "json":
+            body["response_format"] = {"type": "json_object"}
+        elif isinstance(options.response_format, dict):
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": options.response_format}}
+        return "/v1/chat/completions", body
+
+    def _generation(self, body, total_ms):
+        choice = body["choices"][0]
+        return self._finish(choice["message"].get("content") or "", choice.get("finish_reason"),
+                            body.get("usage") or {}, body.get("timings") or {}, total_ms)
+
+    def _parse_stream(self, response, started):
+        text, finish, usage, timings = [], None, {}, {}
+        for line in response.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                yield self._finish("".join(text), finish, usage, timings, (time.perf_counter() - started) * 1000)
+                return
+            chunk = json.loads(data)
+            usage = chunk.get("usage") or usage
+            timings = chunk.get("timings") or timings
+            for choice in chunk.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    text.append(piece)
+                    yield piece
+                finish = choice.get("finish_reason") or finish
+        raise ModelServerError("the model server ended its stream without [DONE]")
+
+    @staticmethod
+    def _finish(text, finish_reason, usage, timings, total_ms) -> Generation:
+        output_tokens = usage.get("completion_tokens")
+        generation_ms = timings.get("predicted_ms")
+        return Generation(
+            text=text,
+            input_tokens=usage.get("prompt_tokens"),
+            output_tokens=output_tokens,
+            timings=Timings(load_ms=None, prompt_ms=timings.get("prompt_ms"), generation_ms=generation_ms,
+                            total_ms=total_ms,
+                            tokens_per_second=timings.get("predicted_per_second") or _per_second(
+                                output_tokens, generation_ms or total_ms)),
+            finish_reason=finish_reason,
+        )
+
+
+class OllamaClient(ModelClient):
+    """`/api/generate`, `/api/chat`, `/api/pull`, `/api/tags`, `/api/ps`."""
+
+    protocol = "ollama"
+
+    def ready(self) -> bool:
+        response = self._get("/api/version")
+        return response is not None and response.status_code == 200
+
+    def models(self) -> list[str]:
+        return [item["name"] for item in self._get_json("/api/tags").get("models", [])]
+
+    def running(self) -> list[dict]:
+        """The models the server holds in memory (`/api/ps`)."""
+        return list(self._get_json("/api/ps").get("models", []))
+
+    def pull(self, on_progress: Callable[[dict], None] = lambda _: None) -> dict:
+        """Pull the model into the server, reporting each progress line; the last line is returned."""
+        answer = self._post("/api/pull", {"model": self.model_name, "stream": True}, stream=True)
+        last: dict = {}
+        try:
+            for line in answer.response.iter_lines(decode_unicode=True):
+                if line:
+                    last = json.loads(line)
+                    if "error" in last:
+                        raise ModelServerError(f"pulling {self.model_name} failed: {last['error']}")
+                    on_progress(last)
+        except requests.RequestException as exc:
+            raise ModelServerError(f"pulling {self.model_name} broke off: {exc}") from exc
+        except ValueError as exc:
+            raise ModelServerError(f"pulling {self.model_name}: progress that is not JSON: {exc}") from exc
+        finally:
+            answer.response.close()
+        if last.get("status") != "success":
+            raise ModelServerError(f"pulling {self.model_name} ended without success: {last}")
+        return last
+
+    def _request(self, prompt, messages, options, *, stream):
+        body: dict = {"model": self.model_name, "stream": stream}
+        if messages:
+            path, body["messages"] = "/api/chat", list(messages)
+        else:
+            path, body["prompt"] = "/api/generate", prompt or ""
+        model_options = {"num_predict": options.max_tokens, "temperature": options.temperature,
+                         "seed": options.seed, "stop": list(options.stop) or None}
+        body["options"] = {key: value for key, value in model_options.items() if value is not None}
+        if options.response_format is not None:
+            body["format"] = options.response_format
+        return path, body
+
+    def _generation(self, body, total_ms):
+        text = body["message"]["content"] if "message" in body else body["response"]
+        return self._finish(text, body, total_ms)
+
+    def _parse_stream(self, response, started):
+        text = []
+        for line in response.iter_lines(decode_unicode=True):
+            if not line:
+                continue
+            chunk = json.loads(line)
+            if "error" in chunk:
+                raise ModelServerError(f"the model server reported: {chunk['error']}")
+            piece = chunk["message"]["content"] if "message" in chunk else chunk.get("response", "")
+            if piece:
+                text.append(piece)
+                yield piece
+            if chunk.get("done"):
+                yield self._finish("".join(text), chunk, (time.perf_counter() - started) * 1000)
+                return
+        raise ModelServerError("the model server ended its stream without a final chunk")
+
+    @staticmethod
+    def _finish(text: str, body: dict, total_ms: float) -> Generation:
+        def ms(key: str) -> float | None:
+            return body[key] / 1e6 if body.get(key) is not None else None  # Ollama counts nanoseconds
+
+        output_tokens, generation_ms = body.get("eval_count"), ms("eval_duration")
+        return Generation(
+            text=text,
+            input_tokens=body.get("prompt_eval_count"),
+            output_tokens=output_tokens,
+            timings=Timings(load_ms=ms("load_duration"), prompt_ms=ms("prompt_eval_duration"),
+                            generation_ms=generation_ms, total_ms=total_ms,
+                            tokens_per_second=_per_second(output_tokens, generation_ms)),
+            finish_reason=body.get("done_reason") or ("stop" if body.get("done") else None),
+        )
+
+
+CLIENTS: dict[str, type[ModelClient]] = {"openai": OpenAIClient, "ollama": OllamaClient}
+
+
+def server_ready(protocol: str, endpoint: str) -> bool:
+    """The readiness probe of a server speaking `protocol` at `endpoint`."""
+    return CLIENTS[protocol](endpoint, "").ready()
+
+
+def served_model_name(model: dict) -> str:
+    """The name the server knows the model by: its alias or Ollama name, else name:version."""
+    config = model.get("runtime_config") or {}
+    if model["protocol"] == "openai":
+        return str(config.get("model_alias") or model["name"])
+    return str(config.get("model_name") or f"{model['name']}:{model['version']}")
+
+
+def client_for(model: dict, endpoint: str, *, timeout_s: float | None = None) -> ModelClient:
+    """The client for a model's protocol, talking to the runtime at `endpoint`."""
+    timeout = timeout_s or float((model.get("runtime_config") or {}).get("request_timeout_s",
+                                                                          DEFAULT_GENERATION_TIMEOUT_S))
+    return CLIENTS[model["protocol"]](endpoint, served_model_name(model), timeout_s=timeout)

@@ -1,0 +1,302 @@
+"""SQL of the orchestrator: runtimes (`container_lifecycle`), the models they serve, queue pressure."""
+from __future__ import annotations
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+# Advisory lock namespaces (the first key of the two-key form); the second key is a hash.
+LOCK_MODEL_START = 4_001
+LOCK_HOST_CAPACITY = 4_002
+LOCK_RECONCILE = 4_003
+
+LIVE_STATUSES = ("starting", "running", "draining", "stopping")
+
+RUNTIME_COLUMNS = """
+    r.*, m.name AS model_name, m.version AS model_version, m.protocol
+"""
+RUNTIME_FROM = "container_lifecycle r JOIN model_registry m ON m.id = r.model_id"
+
+
+def _one(conn: psycopg.Connection, query: str, params: dict) -> dict | None:
+    return conn.execute(query, params).fetchone()
+
+
+def _runtime_returning(conn: psycopg.Connection, update: str, params: dict) -> dict | None:
+    """Run an UPDATE ... RETURNING id, then read the row with its model columns."""
+    row = _one(conn, update, params)
+    return get_runtime(conn, row["id"]) if row else None
+
+
+# Models.
+def get_model(conn: psycopg.Connection, model_id: str) -> dict | None:
+    return _one(conn, "SELECT * FROM model_registry WHERE id = %(id)s", {"id": model_id})
+
+
+def find_model(conn: psycopg.Connection, name: str, version: str | None) -> dict | None:
+    """An active model by name (and version); without a version, the newest one."""
+    return _one(conn, """
+        SELECT * FROM model_registry
+        WHERE name = %(name)s AND (%(version)s::text IS NULL OR version = %(version)s) AND active
+        ORDER BY created_at DESC, version DESC
+        LIMIT 1
+    """, {"name": name, "version": version})
+
+
+# Locks: held until the end of the current transaction.
+def lock_model_start(conn: psycopg.Connection, model_id: str) -> None:
+    conn.execute("SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(id)s))",
+                 {"ns": LOCK_MODEL_START, "id": str(model_id)})
+
+
+def lock_host_capacity(conn: psycopg.Connection) -> None:
+    conn.execute("SELECT pg_advisory_xact_lock(%(ns)s, 0)", {"ns": LOCK_HOST_CAPACITY})
+
+
+def try_lock_reconcile(conn: psycopg.Connection) -> bool:
+    row = _one(conn, "SELECT pg_try_advisory_xact_lock(%(ns)s, 0) AS locked", {"ns": LOCK_RECONCILE})
+    return bool(row["locked"])
+
+
+# Reading runtimes.
+def get_runtime(conn: psycopg.Connection, runtime_id: str) -> dict | None:
+    return _one(conn, f"SELECT {RUNTIME_COLUMNS} FROM {RUNTIME_FROM} WHERE r.id = %(id)s", {"id": runtime_id})
+
+
+def list_runtimes(conn: psycopg.Connection, *, model_id: str | None = None, status: str | None = None,
+                  driver: str | None = None, health_status: str | None = None,
+                  limit: int = 100, offset: int = 0) -> list[dict]:
+    return conn.execute(f"""
+        SELECT {RUNTIME_COLUMNS} FROM {RUNTIME_FROM}
+        WHERE (%(model_id)s::uuid IS NULL OR r.model_id = %(model_id)s)
+          AND (%(status)s::text IS NULL OR r.status = %(status)s)
+          AND (%(driver)s::text IS NULL OR r.driver = %(driver)s)
+          AND (%(health)s::text IS NULL OR r.health_status = %(health)s)
+        ORDER BY r.created_at DESC, r.id
+        LIMIT %(limit)s OFFSET %(offset)s
+    """, {"model_id": model_id, "status": status, "driver": driver, "health": health_status,
+          "limit": limit, "offset": offset}).fetchall()
+
+
+def pick_warm_runtime(conn: psycopg.Connection, model_id: str) -> dict | None:
+    """The least-loaded running runtime of a model, healthy ones first."""
+    return _one(conn, f"""
+        SELECT {RUNTIME_COLUMNS} FROM {RUNTIME_FROM}
+        WHERE r.model_id = %(model_id)s AND r.status = 'running'
+        ORDER BY r.health_status = 'healthy' DESC, r.active_requests, r.total_requests, r.id
+        LIMIT 1
+    """, {"model_id": model_id})
+
+
+def find_starting_runtime(conn: psycopg.Connection, model_id: str, fresh_s: float) -> dict | None:
+    """A runtime of the model someone is starting now (not one abandoned longer than `fresh_s`)."""
+    return _one(conn, f"""
+        SELECT {RUNTIME_COLUMNS} FROM {RUNTIME_FROM}
+        WHERE r.model_id = %(model_id)s AND r.status = 'starting'
+          AND r.updated_at > now() - make_interval(secs => %(fresh_s)s)
+        ORDER BY r.created_at
+        LIMIT 1
+    """, {"model_id": model_id, "fresh_s": fresh_s})
+
+
+def live_runtimes(conn: psycopg.Connection, *, model_id: str | None = None,
+                  driver: str | None = None) -> list[dict]:
+    return conn.execute(f"""
+        SELECT {RUNTIME_COLUMNS} FROM {RUNTIME_FROM}
+        WHERE r.status IN ('starting', 'running', 'draining', 'stopping')
+          AND (%(model_id)s::uuid IS NULL OR r.model_id = %(model_id)s)
+          AND (%(driver)s::text IS NULL OR r.driver = %(driver)s)
+        ORDER BY r.created_at, r.id
+    """, {"model_id": model_id, "driver": driver}).fetchall()
+
+
+def host_usage(conn: psycopg.Connection) -> dict:
+    """Resources held by live runtimes that run here (external endpoints hold none)."""
+    return _one(conn, """
+        SELECT coalesce(sum(allocated_cpu), 0)::float AS cpu,
+               coalesce(sum(allocated_memory), 0)::int AS memory_mb,
+               coalesce(sum(allocated_gpu), 0)::float AS gpu
+        FROM container_lifecycle
+        WHERE status IN ('starting', 'running', 'draining', 'stopping') AND driver <> 'external'
+    """, {})
+
+
+def idle_runtimes_lru(conn: psycopg.Connection, *, exclude_model_id: str) -> list[dict]:
+    """Running, idle runtimes of other models, least recently used first (eviction candidates)."""
+    return conn.execute(f"""
+        SELECT {RUNTIME_COLUMNS} FROM {RUNTIME_FROM}
+        WHERE r.status = 'running' AND r.active_requests = 0 AND r.driver <> 'external'
+          AND r.model_id <> %(model_id)s
+        ORDER BY r.last_activity, r.id
+    """, {"model_id": exclude_model_id}).fetchall()
+
+
+def idle_expired_runtimes(conn: psycopg.Connection, default_keep_alive_s: int) -> list[dict]:
+    """Running runtimes idle for longer than their model's keep-alive (-1 never expires)."""
+    return conn.execute(f"""
+        SELECT {RUNTIME_COLUMNS} FROM {RUNTIME_FROM}
+        WHERE r.status = 'running' AND r.active_requests = 0
+          AND coalesce(m.keep_alive_seconds, %(default)s) >= 0
+          AND r.last_activity <= now() - make_interval(secs => coalesce(m.keep_alive_seconds, %(default)s))
+        ORDER BY r.last_activity
+    """, {"default": default_keep_alive_s}).fetchall()
+
+
+def stale_starting_runtimes(conn: psycopg.Connection, older_than_s: float) -> list[dict]:
+    return conn.execute(f"""
+        SELECT {RUNTIME_COLUMNS} FROM {RUNTIME_FROM}
+        WHERE r.status = 'starting' AND r.updated_at <= now() - make_interval(secs => %(s)s)
+    """, {"s": older_than_s}).fetchall()
+
+
+def pending_requests_by_model(conn: psycopg.Connection) -> list[dict]:
+    return conn.execute("""
+        SELECT assigned_model_id AS model_id, count(*)::int AS pending
+        FROM request_queue
+        WHERE status = 'pending' AND assigned_model_id IS NOT NULL
+        GROUP BY assigned_model_id
+        ORDER BY pending DESC
+    """).fetchall()
+
+
+# Changing runtimes. Each transition names the statuses it starts from, so two workers racing
+# on one runtime cannot both win.
+def insert_runtime(conn: psycopg.Connection, model_id: str, driver: str, allocation: dict,
+                   driver_state: dict) -> dict:
+    row = _one(conn, """
+        INSERT INTO container_lifecycle (model_id, driver, status, allocated_cpu, allocated_memory,
+                                         allocated_gpu, driver_state)
+        VALUES (%(model_id)s, %(driver)s, 'starting', %(cpu)s, %(memory_mb)s, %(gpu)s, %(state)s)
+        RETURNING id
+    """, {"model_id": model_id, "driver": driver, "cpu": allocation["cpu"],
+          "memory_mb": allocation["memory_mb"], "gpu": allocation["gpu"],
+          "state": Jsonb(driver_state)})
+    return get_runtime(conn, row["id"])
+
+
+def record_launch(conn: psycopg.Connection, runtime_id: str, *, endpoint: str, host: str, port: int | None,
+                  pid: int | None, container_id: str | None, log_path: str | None,
+                  driver_state: dict) -> dict | None:
+    return _runtime_returning(conn, """
+        UPDATE container_lifecycle
+        SET endpoint = %(endpoint)s, host = %(host)s, port = %(port)s, pid = %(pid)s,
+            container_id = %(container_id)s, log_path = %(log_path)s,
+            driver_state = driver_state || %(state)s, started_at = now(), last_activity = now()
+        WHERE id = %(id)s AND status = 'starting'
+        RETURNING id
+    """, {"id": runtime_id, "endpoint": endpoint, "host": host, "port": port, "pid": pid,
+          "container_id": container_id, "log_path": log_path, "state": Jsonb(driver_state)})
+
+
+def merge_driver_state(conn: psycopg.Connection, runtime_id: str, state: dict) -> None:
+    conn.execute("UPDATE container_lifecycle SET driver_state = driver_state || %(state)s WHERE id = %(id)s",
+                 {"id": runtime_id, "state": Jsonb(state)})
+
+
+def mark_ready(conn: psycopg.Connection, runtime_id: str, load_time_ms: int) -> dict | None:
+    return _runtime_returning(conn, """
+        UPDATE container_lifecycle
+        SET status = 'running', health_status = 'healthy', ready_at = now(), last_health_check = now(),
+            last_activity = now(), load_time_ms = %(load_time_ms)s, error_message = NULL
+        WHERE id = %(id)s AND status = 'starting'
+        RETURNING id
+    """, {"id": runtime_id, "load_time_ms": load_time_ms})
+
+
+def mark_error(conn: psycopg.Connection, runtime_id: str, message: str,
+               from_statuses: tuple[str, ...] = ("starting", "running")) -> dict | None:
+    return _runtime_returning(conn, """
+        UPDATE container_lifecycle
+        SET status = 'error', health_status = 'unhealthy', error_message = %(message)s,
+            active_requests = 0
+        WHERE id = %(id)s AND status = ANY(%(from)s)
+        RETURNING id
+    """, {"id": runtime_id, "message": message[:8000], "from": list(from_statuses)})
+
+
+def transition(conn: psycopg.Connection, runtime_id: str, to_status: str,
+               from_statuses: tuple[str, ...]) -> dict | None:
+    return _runtime_returning(conn, """
+        UPDATE container_lifecycle SET status = %(to)s
+        WHERE id = %(id)s AND status = ANY(%(from)s)
+        RETURNING id
+    """, {"id": runtime_id, "to": to_status, "from": list(from_statuses)})
+
+
+def begin_stop_if_idle(conn: psycopg.Connection, runtime_id: str) -> dict | None:
+    """running -> stopping, only while nothing runs on it (so an acquire never loses its runtime)."""
+    return _runtime_returning(conn, """
+        UPDATE container_lifecycle SET status = 'stopping'
+        WHERE id = %(id)s AND status = 'running' AND active_requests = 0
+        RETURNING id
+    """, {"id": runtime_id})
+
+
+def mark_stopped(conn: psycopg.Connection, runtime_id: str) -> dict | None:
+    return _runtime_returning(conn, """
+        UPDATE container_lifecycle
+        SET status = 'stopped', health_status = 'unknown', stopped_at = now(), active_requests = 0,
+            pid = NULL, container_id = NULL
+        WHERE id = %(id)s AND status <> 'stopped'
+        RETURNING id
+    """, {"id": runtime_id})
+
+
+def begin_restart(conn: psycopg.Connection, runtime_id: str) -> dict | None:
+    """stopped/error -> starting again on the same row, counting the restart."""
+    return _runtime_returning(conn, """
+        UPDATE container_lifecycle
+        SET status = 'starting', health_status = 'unknown', restart_count = restart_count + 1,
+            pid = NULL, container_id = NULL, port = NULL, endpoint = NULL, error_message = NULL,
+            started_at = NULL, ready_at = NULL, stopped_at = NULL, active_requests = 0
+        WHERE id = %(id)s AND status IN ('stopped', 'error')
+        RETURNING id
+    """, {"id": runtime_id})
+
+
+def record_health(conn: psycopg.Connection, runtime_id: str, health_status: str) -> None:
+    conn.execute("""
+        UPDATE container_lifecycle SET health_status = %(health)s, last_health_check = now()
+        WHERE id = %(id)s
+    """, {"id": runtime_id, "health": health_status})
+
+
+def acquire(conn: psycopg.Connection, runtime_id: str) -> dict | None:
+    """Count a request on a running runtime; None when it is no longer running."""
+    return _one(conn, """
+        UPDATE container_lifecycle
+        SET active_requests = active_requests + 1, total_requests = total_requests + 1,
+            last_activity = now()
+        WHERE id = %(id)s AND status = 'running'
+        RETURNING *
+    """, {"id": runtime_id})
+
+
+def acquire_warm(conn: psycopg.Connection, model_id: str) -> dict | None:
+    """Count a request on the least-loaded running runtime of a model, in one statement."""
+    return _one(conn, """
+        UPDATE container_lifecycle
+        SET active_requests = active_requests + 1, total_requests = total_requests + 1,
+            last_activity = now()
+        WHERE id = (SELECT id FROM container_lifecycle
+                    WHERE model_id = %(model_id)s AND status = 'running'
+                    ORDER BY health_status = 'healthy' DESC, active_requests, total_requests, id
+                    LIMIT 1)
+          AND status = 'running'
+        RETURNING *
+    """, {"model_id": model_id})
+
+
+def release(conn: psycopg.Connection, runtime_id: str) -> dict | None:
+    """Count a request as finished; also says the model's keep-alive (0 stops at once)."""
+    return _one(conn, """
+        UPDATE container_lifecycle r
+        SET active_requests = greatest(r.active_requests - 1, 0), last_activity = now()
+        FROM model_registry m
+        WHERE r.id = %(id)s AND m.id = r.model_id
+        RETURNING r.id, r.model_id, r.active_requests, r.status, m.keep_alive_seconds
+    """, {"id": runtime_id})
+
+
+def active_requests(conn: psycopg.Connection, runtime_id: str) -> int:
+    row = _one(conn, "SELECT active_requests FROM container_lifecycle WHERE id = %(id)s", {"id": runtime_id})
+    return row["active_requests"] if row else 0

@@ -1,0 +1,150 @@
+"""The `docker` driver: one container per runtime, with limits and labels, found again by label.
+
+The image must already be on the Docker host: the driver never pulls images (a missing image is
+a clear error, not a long wait on an unreachable registry). Models inside the server are pulled
+through the server's own API by the lifecycle (`pull` for the Ollama protocol).
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import docker
+import requests
+from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.types import DeviceRequest
+
+from services.common.config import Settings
+from services.orchestrator.runtimes.base import (Allocation, DriverError, Launched, Managed,
+                                                  RuntimeStartError, free_port)
+
+DEFAULT_IMAGE = "ollama/ollama"
+OLLAMA_PORT = 11434
+LABEL_MANAGED = "dispatcher.managed"
+LABEL_SCOPE = "dispatcher.scope"
+LABEL_MODEL = "dispatcher.model_id"
+LABEL_RUNTIME = "dispatcher.runtime_id"
+STOP_TIMEOUT_S = 10
+_FAILURES = (DockerException, requests.RequestException)
+
+
+class DockerDriver:
+    """Model servers as containers on the Docker host at `settings.docker_url`."""
+
+    name = "docker"
+    manages_lifecycle = True
+
+    def __init__(self, settings: Settings, scope: str) -> None:
+        self.docker_url = settings.docker_url
+        self.scope = scope
+
+    @cached_property
+    def client(self) -> docker.DockerClient:
+        try:
+            return docker.DockerClient(base_url=self.docker_url, version="auto", timeout=30)
+        except _FAILURES as exc:
+            raise DriverError(f"the Docker daemon at {self.docker_url} is not reachable: {exc}") from exc
+
+    def start(self, runtime: dict, model: dict, allocation: Allocation) -> Launched:
+        config = model["runtime_config"]
+        image = str(config.get("image") or DEFAULT_IMAGE)
+        host_network = config.get("network_mode") == "host"
+        port = free_port() if host_network else int(config.get("container_port", OLLAMA_PORT))
+        bind = "127.0.0.1" if host_network else "0.0.0.0"
+        fill = {"port": port, "host": bind}
+        command = [str(arg).format(**fill) for arg in config["command"]] if config.get("command") else None
+        environment = {key: str(value).format(**fill) for key, value in self._environment(config, image).items()}
+        options = dict(
+            name=f"dispatcher-{runtime['id']}",
+            detach=True,
+            environment=environment,
+            labels={LABEL_MANAGED: "true", LABEL_SCOPE: self.scope,
+                    LABEL_MODEL: str(model["id"]), LABEL_RUNTIME: str(runtime["id"])},
+            mem_limit=f"{allocation['memory_mb']}m",
+            nano_cpus=int(allocation["cpu"] * 1_000_000_000),
+        )
+        if allocation["gpu"] > 0:
+            options["device_requests"] = [DeviceRequest(count=math.ceil(allocation["gpu"]), capabilities=[["gpu"]])]
+        if host_network:
+            options["network_mode"] = "host"
+        else:
+            options["ports"] = {f"{port}/tcp": ("127.0.0.1", None)}  # Docker picks the host port
+        try:
+            container = self.client.containers.create(image, command, **options)
+            container.start()
+            container.reload()
+        except ImageNotFound as exc:
+            raise RuntimeStartError(f"image {image} is not on the Docker host; load or pull it there first") from exc
+        except _FAILURES as exc:
+            raise RuntimeStartError(f"Docker could not start {image}: {_explain(exc)}") from exc
+        host_port = port if host_network else _published_port(container.attrs, port)
+        return Launched(endpoint=f"http://127.0.0.1:{host_port}", port=host_port, container_id=container.id,
+                        driver_state={"image": image, "container_name": options["name"],
+                                      "network_mode": "host" if host_network else "bridge"})
+
+    def is_running(self, runtime: dict) -> bool:
+        if not runtime.get("container_id"):
+            return False
+        try:
+            return self.client.containers.get(runtime["container_id"]).status == "running"
+        except NotFound:
+            return False
+        except _FAILURES as exc:
+            raise DriverError(f"Docker could not inspect {runtime['container_id']}: {_explain(exc)}") from exc
+
+    def identity(self, runtime: dict) -> str | None:
+        return runtime.get("container_id")
+
+    def stop(self, runtime: dict) -> None:
+        if not runtime.get("container_id"):
+            return
+        try:
+            container = self.client.containers.get(runtime["container_id"])
+            container.stop(timeout=STOP_TIMEOUT_S)
+            container.remove(force=True)
+        except NotFound:
+            return
+        except _FAILURES as exc:
+            raise DriverError(f"Docker could not remove {runtime['container_id']}: {_explain(exc)}") from exc
+
+    def find_managed(self) -> list[Managed]:
+        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_SCOPE}={self.scope}"]}
+        try:
+            containers = self.client.containers.list(all=True, filters=filters, sparse=True)
+        except _FAILURES as exc:
+            raise DriverError(f"Docker could not list containers: {_explain(exc)}") from exc
+        return [
+            Managed(runtime_id=c.attrs["Labels"].get(LABEL_RUNTIME, ""), identity=c.id,
+                    alive=c.attrs.get("State") == "running", ref={"id": c.attrs["Labels"].get(LABEL_RUNTIME),
+                                                                 "container_id": c.id})
+            for c in containers
+        ]
+
+    def log_tail(self, runtime: dict, max_chars: int = 2000) -> str:
+        if not runtime.get("container_id"):
+            return ""
+        try:
+            logs = self.client.containers.get(runtime["container_id"]).logs(tail=100)
+        except _FAILURES:
+            return ""
+        return logs.decode("utf-8", "replace")[-max_chars:]
+
+    @staticmethod
+    def _environment(config: dict, image: str) -> dict:
+        if "environment" in config:
+            return dict(config["environment"])
+        if image.split(":")[0].endswith("ollama/ollama"):
+            return {"OLLAMA_HOST": "{host}:{port}"}
+        return {}
+
+
+def _published_port(attrs: dict, container_port: int) -> int:
+    bindings = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+    for binding in bindings.get(f"{container_port}/tcp") or []:
+        if binding.get("HostPort"):
+            return int(binding["HostPort"])
+    raise RuntimeStartError(f"Docker published no host port for container port {container_port}")
+
+
+def _explain(exc: Exception) -> str:
+    return str(getattr(exc, "explanation", None) or exc)

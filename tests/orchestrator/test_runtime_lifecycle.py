@@ -1,0 +1,231 @@
+"""The lifecycle on the test transaction, with external runtimes pointing at the in-process fake server."""
+from __future__ import annotations
+
+from dataclasses import replace
+from unittest.mock import ANY
+
+import pytest
+
+from orchestrator_helpers import insert_model
+from services.common.errors import Conflict, NotFound, Unprocessable
+from services.orchestrator import lifecycle, queries
+from services.orchestrator.lifecycle import RuntimeUnavailable
+
+
+@pytest.fixture
+def model(conn, fake_server):
+    return insert_model(conn, runtime_config={"endpoint": fake_server.url, "model_alias": "fake"}, max_replicas=2)
+
+
+def runtime_row(conn, runtime_id) -> dict:
+    return queries.get_runtime(conn, runtime_id)
+
+
+def age(conn, runtime_id, seconds: int) -> None:
+    conn.execute("UPDATE container_lifecycle SET last_activity = now() - make_interval(secs => %s) WHERE id = %s",
+                 (seconds, runtime_id))
+
+
+def test_allocation_is_the_models_base_in_right_size_shape(model, settings):
+    assert lifecycle.allocation_for({**model, "base_cpu_requirement": 2.5, "runtime_config": {"parallel": 2}},
+                                    1.0, settings) == {
+        "cpu": 2.5, "memory_mb": 256, "gpu": 0.0, "threads": 2, "parallel_slots": 2}
+
+
+def test_ensure_starts_a_runtime_once_then_reuses_it(db, conn, model, settings, fake_server):
+    runtime = lifecycle.ensure_runtime(db, model["id"], settings)
+
+    assert runtime == {**runtime_row(conn, runtime["id"]), "status": "running"}
+    assert {key: runtime[key] for key in ("model_id", "driver", "status", "health_status", "endpoint", "host",
+                                          "port", "pid", "container_id", "active_requests", "restart_count")} == {
+        "model_id": model["id"], "driver": "external", "status": "running", "health_status": "healthy",
+        "endpoint": fake_server.url, "host": "127.0.0.1", "port": fake_server.port, "pid": None,
+        "container_id": None, "active_requests": 0, "restart_count": 0}
+    assert runtime["driver_state"] == {"allocation": {"cpu": 1.0, "memory_mb": 256, "gpu": 0.0, "threads": 1,
+                                                      "parallel_slots": 1},
+                                       "start_timeout_s": 10.0, "max_restarts": 3}
+    assert runtime["load_time_ms"] >= 0 and runtime["ready_at"] is not None
+    assert lifecycle.ensure_runtime(db, model["id"], settings)["id"] == runtime["id"]
+    assert len(queries.list_runtimes(conn, model_id=model["id"])) == 1
+
+
+def test_ensure_reuses_the_least_loaded_runtime(db, conn, model, settings):
+    first = lifecycle.start_runtime(db, model["id"], settings)
+    second = lifecycle.start_runtime(db, model["id"], settings)
+    lifecycle.acquire_runtime(db, first["id"])
+
+    assert lifecycle.ensure_runtime(db, model["id"], settings)["id"] == second["id"]
+    with pytest.raises(Conflict, match="already runs 2 of its 2 replicas"):
+        lifecycle.start_runtime(db, model["id"], settings)
+
+
+def test_ensure_of_an_unknown_or_inactive_model(db, conn, model, settings):
+    with pytest.raises(NotFound, match="model 00000000-0000-0000-0000-000000000000 does not exist"):
+        lifecycle.ensure_runtime(db, "00000000-0000-0000-0000-000000000000", settings)
+    conn.execute("UPDATE model_registry SET active = false WHERE id = %s", (model["id"],))
+    with pytest.raises(Conflict, match="is not active"):
+        lifecycle.ensure_runtime(db, model["id"], settings)
+
+
+def test_a_driver_not_enabled_here_is_unavailable(db, conn, settings):
+    model = insert_model(conn, runtime_driver="docker", protocol="ollama", runtime_config={"image": "ollama/ollama"})
+
+    with pytest.raises(RuntimeUnavailable, match=r"the docker runtime driver is not enabled here \(RUNTIME_DRIVERS=process,external\)"):
+        lifecycle.ensure_runtime(db, model["id"], replace(settings, runtime_drivers=("process", "external")))
+
+
+def test_a_model_bigger_than_the_host_is_unprocessable(db, conn, settings):
+    model = insert_model(conn, runtime_driver="process", base_memory_requirement=100_000,
+                         runtime_config={"server": "fake"})
+
+    with pytest.raises(Unprocessable, match="needs 1 CPU and 100000 MB; this host has 4 CPU and 4096 MB"):
+        lifecycle.ensure_runtime(db, model["id"], settings)
+    assert queries.list_runtimes(conn, model_id=model["id"]) == []
+
+
+def test_a_runtime_that_never_gets_ready_is_marked_error_and_the_next_call_tries_again(db, conn, settings, fake_server):
+    fake_server.config.load_ms = 60_000  # answers 503 Loading model
+    model = insert_model(conn, runtime_config={"endpoint": fake_server.url, "start_timeout_s": 0.2})
+
+    with pytest.raises(RuntimeUnavailable) as raised:
+        lifecycle.ensure_runtime(db, model["id"], settings)
+
+    failed = queries.list_runtimes(conn, model_id=model["id"])[0]
+    assert raised.value.detail == f"runtime {failed['id']} failed to start: the model server was not ready within 0.2 s"
+    assert (failed["status"], failed["health_status"], failed["error_message"]) == (
+        "error", "unhealthy", "the model server was not ready within 0.2 s")
+    fake_server.config.load_ms = 0
+    assert lifecycle.ensure_runtime(db, model["id"], settings)["status"] == "running"
+
+
+def test_a_lease_counts_the_request_and_keeps_the_runtime_warm(db, conn, model, settings):
+    runtime = lifecycle.ensure_runtime(db, model["id"], settings)
+    age(conn, runtime["id"], 60)
+    aged = runtime_row(conn, runtime["id"])
+
+    with lifecycle.leased_runtime(db, model["id"], settings) as leased:
+        assert leased["id"] == runtime["id"]
+        assert (runtime_row(conn, runtime["id"])["active_requests"], leased["total_requests"]) == (1, 1)
+
+    after = runtime_row(conn, runtime["id"])
+    assert (after["active_requests"], after["total_requests"], after["status"]) == (0, 1, "running")
+    assert after["last_activity"] > aged["last_activity"]
+
+
+def test_a_lease_is_released_when_the_block_fails(db, conn, model, settings):
+    with pytest.raises(RuntimeError):
+        with lifecycle.leased_runtime(db, model["id"], settings) as leased:
+            raise RuntimeError("generation failed")
+    assert runtime_row(conn, leased["id"])["active_requests"] == 0
+
+
+def test_keep_alive_zero_stops_the_runtime_right_after_use(db, conn, settings, fake_server):
+    model = insert_model(conn, runtime_config={"endpoint": fake_server.url}, keep_alive_seconds=0)
+
+    with lifecycle.leased_runtime(db, model["id"], settings) as leased:
+        assert runtime_row(conn, leased["id"])["status"] == "running"
+
+    assert runtime_row(conn, leased["id"])["status"] == "stopped"
+
+
+def test_reap_idle_stops_only_runtimes_idle_past_their_keep_alive(db, conn, settings, fake_server):
+    config = {"endpoint": fake_server.url}
+    short, forever, busy = (insert_model(conn, runtime_config=config, keep_alive_seconds=keep)
+                            for keep in (60, -1, 60))
+    runtimes = {name: lifecycle.ensure_runtime(db, m["id"], settings)
+                for name, m in (("short", short), ("forever", forever), ("busy", busy))}
+    fresh = insert_model(conn, runtime_config=config, keep_alive_seconds=60)
+    lifecycle.ensure_runtime(db, fresh["id"], settings)
+    for name in ("short", "forever", "busy"):
+        age(conn, runtimes[name]["id"], 3600)
+    lifecycle.acquire_runtime(db, runtimes["busy"]["id"])
+
+    actions = lifecycle.reap_idle(db, settings)
+
+    assert actions == [{"model_id": short["id"], "runtime_id": runtimes["short"]["id"], "action": "stopped",
+                        "detail": ANY}]
+    assert actions[0]["detail"].startswith("idle since ")
+    assert {name: runtime_row(conn, rt["id"])["status"] for name, rt in runtimes.items()} == {
+        "short": "stopped", "forever": "running", "busy": "running"}
+
+
+def test_stop_drains_then_stops_and_ensure_no_longer_picks_it(db, conn, model, settings):
+    runtime = lifecycle.ensure_runtime(db, model["id"], settings)
+    lifecycle.acquire_runtime(db, runtime["id"])
+
+    stopped = lifecycle.stop_runtime(db, runtime["id"], settings, drain_timeout_s=0.05)
+
+    assert (stopped["status"], stopped["active_requests"], stopped["health_status"]) == ("stopped", 0, "unknown")
+    assert stopped["stopped_at"] is not None
+    assert lifecycle.stop_runtime(db, runtime["id"], settings) == stopped  # stopping twice changes nothing
+    assert lifecycle.acquire_runtime(db, runtime["id"]) is None
+    assert lifecycle.ensure_runtime(db, model["id"], settings)["id"] != runtime["id"]
+
+
+def test_stop_of_an_unknown_runtime(db, settings):
+    with pytest.raises(NotFound, match="runtime 00000000-0000-0000-0000-000000000000 does not exist"):
+        lifecycle.stop_runtime(db, "00000000-0000-0000-0000-000000000000", settings)
+
+
+def test_restart_keeps_the_id_and_counts(db, conn, model, settings):
+    runtime = lifecycle.ensure_runtime(db, model["id"], settings)
+
+    restarted = lifecycle.restart_runtime(db, runtime["id"], settings)
+
+    assert (restarted["id"], restarted["status"], restarted["restart_count"]) == (runtime["id"], "running", 1)
+
+
+def test_scale_up_and_down(db, conn, model, settings):
+    up = lifecycle.scale_model(db, model["id"], 2, settings)
+    busy, idle = up["started"]
+    assert up == {"model_id": model["id"], "replicas": 2, "started": [busy, idle], "stopped": []}
+    assert {row["id"] for row in queries.live_runtimes(conn, model_id=model["id"])} == {busy, idle}
+
+    lifecycle.acquire_runtime(db, busy)
+    down = lifecycle.scale_model(db, model["id"], 1, settings)
+    assert down == {"model_id": model["id"], "replicas": 1, "started": [], "stopped": [idle]}
+
+    assert lifecycle.scale_model(db, model["id"], 1, settings) == {
+        "model_id": model["id"], "replicas": 1, "started": [], "stopped": []}
+    with pytest.raises(Unprocessable) as raised:
+        lifecycle.scale_model(db, model["id"], 3, settings)
+    assert raised.value.errors == {"json": {"replicas": ["Must be at most 2."]}}
+
+
+def test_health_marks_an_external_runtime_that_stops_answering_unhealthy_never_restarts_it(
+        db, conn, model, settings, fake_server):
+    runtime = lifecycle.ensure_runtime(db, model["id"], settings)
+    assert lifecycle.check_health(db, settings) == {"checked": 1, "healthy": 1, "actions": []}
+
+    fake_server.config.load_ms = 60_000  # answers 503 Loading model from now on
+    report = lifecycle.check_health(db, settings)
+
+    assert report == {"checked": 1, "healthy": 0, "actions": [
+        {"model_id": model["id"], "runtime_id": runtime["id"], "action": "unhealthy", "detail": "not answering its probe"}]}
+    row = runtime_row(conn, runtime["id"])
+    assert (row["status"], row["health_status"], row["restart_count"]) == ("running", "unhealthy", 0)
+
+
+def test_autoscale_adds_a_replica_when_the_queue_is_long(db, conn, model, settings):
+    first = lifecycle.ensure_runtime(db, model["id"], settings)
+    for _ in range(5):
+        conn.execute("INSERT INTO request_queue (request_payload, task_type, assigned_model_id) "
+                     "VALUES ('{}', 'text-generation', %s)", (model["id"],))
+
+    actions = lifecycle.autoscale(db, settings)
+
+    [added] = [row for row in queries.live_runtimes(conn, model_id=model["id"]) if row["id"] != first["id"]]
+    assert actions == [{"model_id": model["id"], "runtime_id": added["id"], "action": "started",
+                        "detail": "5 pending for 1 replica(s)"}]
+    assert lifecycle.autoscale(db, settings) == []  # 5 pending for 2 replicas is within 4 per replica
+
+
+def test_autoscale_stops_at_max_replicas(db, conn, settings, fake_server):
+    model = insert_model(conn, runtime_config={"endpoint": fake_server.url, "scale_up_pending": 1})
+    lifecycle.ensure_runtime(db, model["id"], settings)
+    for _ in range(2):
+        conn.execute("INSERT INTO request_queue (request_payload, task_type, assigned_model_id) "
+                     "VALUES ('{}', 'text-generation', %s)", (model["id"],))
+
+    assert lifecycle.autoscale(db, settings) == [{"model_id": model["id"], "runtime_id": None, "action": "at_max",
+                                                  "detail": "2 pending; already 1 of 1"}]

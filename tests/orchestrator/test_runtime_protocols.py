@@ -1,0 +1,195 @@
+"""The Ollama and OpenAI clients against the fake model server: answers, streams, options and faults."""
+from __future__ import annotations
+
+from unittest.mock import ANY
+
+import pytest
+
+from fake_model_server import FakeModelServer
+from services.orchestrator.protocols import (ModelServerError, ModelServerTimeout, OllamaClient, OpenAIClient,
+                                             Options, client_for, served_model_name, server_ready)
+
+REPLY = "Hello from the fake model."
+
+
+def test_openai_generate_sends_options_and_returns_tokens_and_timings(fake_server):
+    client = OpenAIClient(fake_server.url, "fake")
+    options = Options(max_tokens=3, temperature=0.2, stop=("\n",), response_format="json", seed=7)
+
+    generation = client.generate("Say hello please", options=options)
+
+    assert generation.as_dict() == {
+        "text": "Hello from the", "input_tokens": 3, "output_tokens": 3, "finish_reason": "length",
+        "timings": {"load_ms": None, "prompt_ms": 0.5, "generation_ms": 3.0, "total_ms": ANY,
+                    "tokens_per_second": 1000.0}}
+    assert generation.timings.total_ms > 0
+    assert fake_server.requests[-1] == {"method": "POST", "path": "/v1/chat/completions", "body": {
+        "model": "fake", "messages": [{"role": "user", "content": "Say hello please"}], "stream": False,
+        "max_tokens": 3, "temperature": 0.2, "stop": ["\n"], "seed": 7, "response_format": {"type": "json_object"}}}
+
+
+def test_openai_json_schema_and_chat_messages(fake_server):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    messages = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"}]
+
+    generation = OpenAIClient(fake_server.url, "fake").generate(messages=messages,
+                                                                options=Options(response_format=schema))
+
+    assert generation.text == REPLY
+    assert generation.finish_reason == "stop"
+    assert fake_server.requests[-1]["body"] == {
+        "model": "fake", "messages": messages, "stream": False,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}}
+
+
+def test_openai_stream_yields_chunks_then_the_whole_generation(fake_server):
+    stream = OpenAIClient(fake_server.url, "fake").stream("Hi", options=Options(max_tokens=2))
+
+    assert list(stream) == ["Hello", " from"]
+    assert stream.result.as_dict() == {
+        "text": "Hello from", "input_tokens": 1, "output_tokens": 2, "finish_reason": "length",
+        "timings": {"load_ms": None, "prompt_ms": 0.5, "generation_ms": 2.0, "total_ms": ANY,
+                    "tokens_per_second": 1000.0}}
+    assert fake_server.requests[-1]["body"]["stream_options"] == {"include_usage": True}
+
+
+def test_ollama_generate_maps_options_and_nanosecond_timings(fake_server):
+    client = OllamaClient(fake_server.url, "llama2:7b")
+    options = Options(max_tokens=2, temperature=0.0, stop=("END",), response_format="json", seed=1)
+
+    generation = client.generate("one two three", options=options)
+
+    assert generation.as_dict() == {
+        "text": "Hello from", "input_tokens": 3, "output_tokens": 2, "finish_reason": "length",
+        "timings": {"load_ms": 1.0, "prompt_ms": 0.5, "generation_ms": 2.0, "total_ms": ANY,
+                    "tokens_per_second": 1000.0}}
+    assert fake_server.requests[-1] == {"method": "POST", "path": "/api/generate", "body": {
+        "model": "llama2:7b", "stream": False, "prompt": "one two three", "format": "json",
+        "options": {"num_predict": 2, "temperature": 0.0, "seed": 1, "stop": ["END"]}}}
+
+
+def test_ollama_chat_and_stream(fake_server):
+    client = OllamaClient(fake_server.url, "llama2:7b")
+    messages = [{"role": "user", "content": "Hi there"}]
+
+    assert client.generate(messages=messages).text == REPLY
+    assert fake_server.requests[-1]["path"] == "/api/chat"
+    stream = client.stream(messages=messages)
+    assert "".join(stream) == REPLY
+    assert (stream.result.text, stream.result.input_tokens, stream.result.output_tokens) == (REPLY, 2, 5)
+
+
+def test_ollama_pull_reports_progress_and_lists_models(fake_server):
+    client = OllamaClient(fake_server.url, "orca-mini:3b")
+    progress = []
+
+    last = client.pull(progress.append)
+
+    assert last == {"status": "success"}
+    assert [line["status"] for line in progress] == ["pulling manifest", "downloading", "downloading", "success"]
+    assert progress[2] == {"status": "downloading", "digest": "sha256:fake", "total": 100, "completed": 100}
+    assert client.models() == ["fake", "orca-mini:3b"]
+    assert [model["name"] for model in client.running()] == ["fake"]
+
+
+def test_openai_models(fake_server):
+    assert OpenAIClient(fake_server.url, "fake").models() == ["fake"]
+
+
+def test_ready_is_false_while_loading_and_when_nothing_listens():
+    with FakeModelServer(load_ms=60_000) as server:
+        assert server_ready("openai", server.url) is False
+        assert server.requests == [{"method": "GET", "path": "/health", "body": None}]
+        server.config.load_ms = 0
+        assert server_ready("openai", server.url) is True
+        assert server_ready("ollama", server.url) is True
+        url = server.url
+    assert server_ready("openai", url) is False
+    assert server_ready("ollama", url) is False
+
+
+@pytest.mark.parametrize("client_class", [OpenAIClient, OllamaClient])
+def test_a_500_is_a_bad_gateway(fake_server, client_class):
+    fake_server.config.fault = "error"
+
+    with pytest.raises(ModelServerError) as raised:
+        client_class(fake_server.url, "fake").generate("Hi")
+
+    path = "/v1/chat/completions" if client_class is OpenAIClient else "/api/generate"
+    assert raised.value.status == 502
+    assert raised.value.detail == f'{fake_server.url}{path} answered 500: {{"error": "fake failure"}}'
+    assert raised.value.extensions == {"upstream_status": 500}
+
+
+@pytest.mark.parametrize("client_class", [OpenAIClient, OllamaClient])
+def test_garbage_json_is_a_bad_gateway(fake_server, client_class):
+    fake_server.config.fault = "garbage"
+
+    with pytest.raises(ModelServerError, match="answered something that is not JSON"):
+        client_class(fake_server.url, "fake").generate("Hi")
+    with pytest.raises(ModelServerError):
+        list(client_class(fake_server.url, "fake").stream("Hi"))
+
+
+@pytest.mark.parametrize("client_class", [OpenAIClient, OllamaClient])
+def test_a_dropped_connection_is_a_bad_gateway_and_is_not_retried(fake_server, client_class):
+    fake_server.config.fault = "drop"
+
+    with pytest.raises(ModelServerError, match="Remote end closed connection without response"):
+        client_class(fake_server.url, "fake").generate("Hi")
+    assert len([r for r in fake_server.requests if r["method"] == "POST"]) == 1
+
+
+@pytest.mark.parametrize("client_class", [OpenAIClient, OllamaClient])
+def test_a_stream_dropped_midway_is_a_bad_gateway(fake_server, client_class):
+    fake_server.config.fault = "drop"
+    stream = client_class(fake_server.url, "fake").stream("Hi")
+    received = []
+
+    with pytest.raises(ModelServerError, match="broke off its stream"):
+        for chunk in stream:
+            received.append(chunk)
+
+    assert received == ["Hello"]
+    assert stream.result is None
+
+
+@pytest.mark.parametrize("client_class", [OpenAIClient, OllamaClient])
+def test_a_slow_answer_times_out(fake_server, client_class):
+    fake_server.config.fault, fake_server.config.delay_ms = "slow", 2000
+
+    with pytest.raises(ModelServerTimeout) as raised:
+        client_class(fake_server.url, "fake", timeout_s=0.2).generate("Hi")
+
+    assert raised.value.status == 504
+    assert "did not answer within 0.2 s" in raised.value.detail
+
+
+def test_fault_count_fails_only_the_first_requests(fake_server):
+    fake_server.config.fault, fake_server.config.fault_count = "error", 1
+    client = OpenAIClient(fake_server.url, "fake")
+
+    with pytest.raises(ModelServerError):
+        client.generate("Hi")
+    assert client.generate("Hi").text == REPLY
+
+
+def test_an_unreachable_server_is_a_bad_gateway():
+    with FakeModelServer() as server:
+        url = server.url
+    with pytest.raises(ModelServerError, match="failed"):
+        OpenAIClient(url, "fake").generate("Hi")
+
+
+def test_client_for_picks_protocol_and_served_name():
+    openai_model = {"protocol": "openai", "name": "smollm2", "version": "1",
+                    "runtime_config": {"model_alias": "smol", "request_timeout_s": 12}}
+    ollama_model = {"protocol": "ollama", "name": "llama2", "version": "7b", "runtime_config": {}}
+
+    client = client_for(openai_model, "http://127.0.0.1:1/")
+
+    assert (type(client), client.base_url, client.model_name, client.timeout_s) == (
+        OpenAIClient, "http://127.0.0.1:1", "smol", 12.0)
+    assert served_model_name(ollama_model) == "llama2:7b"
+    assert served_model_name({**ollama_model, "runtime_config": {"model_name": "llama2:latest"}}) == "llama2:latest"
+    assert isinstance(client_for(ollama_model, "http://x"), OllamaClient)
