@@ -10,13 +10,15 @@ from psycopg_pool import PoolTimeout
 from services.common.app import create_service_app
 from services.orchestrator import lifecycle
 from services.orchestrator.api import blp as runtimes_blp
+from services.orchestrator.dispatch_api import blp as dispatch_blp
+from services.orchestrator.front_doors import blp as front_doors_blp
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(test_config: dict | None = None) -> Flask:
     """The Orchestrator service app (gunicorn: 'services.orchestrator:create_app()')."""
-    app = create_service_app("orchestrator", "Orchestrator", [runtimes_blp], test_config, import_name=__name__)
+    app = create_service_app("orchestrator", "Orchestrator", [runtimes_blp, dispatch_blp, front_doors_blp], test_config, import_name=__name__)
     if app.config.get("RECONCILE_ON_START", True):
         _reconcile_at_start(app)
     return app

@@ -300,3 +300,21 @@ def release(conn: psycopg.Connection, runtime_id: str) -> dict | None:
 def active_requests(conn: psycopg.Connection, runtime_id: str) -> int:
     row = _one(conn, "SELECT active_requests FROM container_lifecycle WHERE id = %(id)s", {"id": runtime_id})
     return row["active_requests"] if row else 0
+
+
+# Front doors.
+def active_models(conn: psycopg.Connection) -> list[dict]:
+    """Active models, for the OpenAI and Ollama model lists."""
+    return conn.execute(
+        "SELECT name, version, created_at FROM model_registry WHERE active ORDER BY name, version"
+    ).fetchall()
+
+
+def running_models(conn: psycopg.Connection) -> list[dict]:
+    """Models with at least one running runtime, and since when."""
+    return conn.execute("""
+        SELECT m.name, m.version, min(r.ready_at) AS started
+        FROM container_lifecycle r JOIN model_registry m ON m.id = r.model_id
+        WHERE r.status = 'running'
+        GROUP BY m.id ORDER BY m.name, m.version
+    """).fetchall()

@@ -267,4 +267,7 @@ def test_openapi_documents_every_endpoint(client):
         "/runtimes": ["get"], "/runtimes/ensure": ["post"], "/runtimes/{runtime_id}": ["delete", "get"],
         "/runtimes/{runtime_id}/restart": ["post"], "/models/{model_id}/scale": ["post"],
         "/runtimes/reap": ["post"], "/runtimes/health": ["post"], "/runtimes/autoscale": ["post"],
-        "/generate": ["post"]}
+        "/generate": ["post"], "/dispatch": ["post"], "/requests/{request_id}": ["delete", "get"],
+        "/requests/{request_id}/feedback": ["post"], "/v1/chat/completions": ["post"], "/v1/models": ["get"],
+        "/api/chat": ["post"], "/api/generate": ["post"], "/api/tags": ["get"], "/api/ps": ["get"],
+        "/api/version": ["get"]}

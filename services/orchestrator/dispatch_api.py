@@ -1,0 +1,94 @@
+"""Dispatch endpoints: one request end to end (sync or queued), its status, cancel, feedback."""
+from __future__ import annotations
+
+import uuid
+from uuid import UUID
+
+from flask import g, jsonify, request, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from services.common.app import current_settings
+from services.common.db import get_db
+from services.common.errors import Conflict, NotFound
+from services.orchestrator import request_queue
+from services.orchestrator.pipeline import run_queued_request
+from services.orchestrator.dispatch_schemas import (AcceptedSchema, DispatchResultSchema, DispatchSchema,
+                                                    FeedbackOutSchema, FeedbackSchema, RequestStatusSchema)
+
+blp = Blueprint("dispatch", __name__, description="Dispatch a request to the best model, end to end")
+
+
+@blp.route("/dispatch")
+class Dispatch(MethodView):
+    @blp.arguments(DispatchSchema)
+    @blp.response(200, DispatchResultSchema)
+    @blp.alt_response(202, schema=AcceptedSchema, description="Queued (async or Prefer: respond-async)")
+    def post(self, body):
+        """Answer a prompt with the best model, or queue it (`async: true` / `Prefer: respond-async`)."""
+        run_async = body.pop("run_async") or "respond-async" in request.headers.get("Prefer", "")
+        request_id = dispatch_request_id()
+        db = get_db()
+        if run_async:
+            with db.connection() as conn:
+                request_queue.enqueue(conn, request_id=request_id, payload=body, task_type=body["task_type"],
+                                      priority=body["priority"], mode="async", callback_url=body["callback_url"])
+            status_url = url_for("dispatch.RequestStatus", request_id=request_id)
+            # A Response, so the 200 schema does not apply to it.
+            accepted = jsonify(AcceptedSchema().dump(
+                {"request_id": request_id, "status": "pending", "status_url": status_url}))
+            return accepted, 202, {"Location": status_url}
+        owner = request_queue.lease_owner()
+        with db.connection() as conn:
+            row = request_queue.enqueue(conn, request_id=request_id, payload=body, task_type=body["task_type"],
+                                        priority=body["priority"], mode="sync", callback_url=body["callback_url"],
+                                        lease_owner=owner, lease_seconds=request_queue.LEASE_SECONDS)
+        return run_queued_request(db, current_settings(), row, owner=owner, raise_problem=True)
+
+
+@blp.route("/requests/<uuid:request_id>", endpoint="RequestStatus")
+class RequestStatus(MethodView):
+    @blp.response(200, RequestStatusSchema)
+    def get(self, request_id: UUID):
+        """A request's status and, once done, its result or error details."""
+        with get_db().connection() as conn:
+            row = request_queue.get(conn, request_id)
+        if row is None:
+            raise NotFound(f"Request {request_id} does not exist.")
+        return row
+
+    @blp.response(200, RequestStatusSchema)
+    def delete(self, request_id: UUID):
+        """Cancel a request that is still pending."""
+        with get_db().connection() as conn:
+            cancelled = request_queue.cancel(conn, request_id)
+            row = cancelled or request_queue.get(conn, request_id)
+        if row is None:
+            raise NotFound(f"Request {request_id} does not exist.")
+        if cancelled is None:
+            raise Conflict(f"Request {request_id} is {row['status']}; only a pending request can be cancelled.",
+                           request_status=row["status"])
+        return cancelled
+
+
+@blp.route("/requests/<uuid:request_id>/feedback")
+class Feedback(MethodView):
+    @blp.arguments(FeedbackSchema)
+    @blp.response(201, FeedbackOutSchema)
+    def post(self, body, request_id: UUID):
+        """Rate the answer to a request (0..1); selection learns from it."""
+        with get_db().connection() as conn:
+            row = request_queue.add_feedback(conn, request_id, **body)
+        if row is None:
+            raise NotFound(f"Request {request_id} does not exist.")
+        return row
+
+
+def dispatch_request_id() -> str:
+    """The dispatch's id; a caller's X-Request-ID is kept when it is a UUID, so logs line up."""
+    try:
+        request_id = str(UUID(g.request_id))
+    except ValueError:
+        request_id = str(uuid.uuid4())
+    g.request_id = request_id
+    return request_id

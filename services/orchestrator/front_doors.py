@@ -1,0 +1,364 @@
+"""OpenAI- and Ollama-compatible front doors, so existing clients use the dispatcher unchanged.
+
+`model: "auto"` dispatches (selection, retries, validation); a registered model name pins that
+model. Task type and requirements come from headers (`X-Dispatch-Task-Type`,
+`X-Dispatch-Complexity`, `X-Dispatch-Max-Retries`), with defaults. Unknown body fields are
+ignored here, unlike the rest of the API: clients send many options this server has no use for.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+from flask import Response, stream_with_context
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+from services.common.app import current_settings
+from services.common.db import get_db
+from services.common.errors import Unprocessable
+from services.orchestrator import queries, request_queue
+from services.orchestrator.dispatch_api import dispatch_request_id
+from services.orchestrator.dispatch_schemas import MODEL_REF, TASK_TYPES, Complexity, MessageSchema
+from services.orchestrator.pipeline import DispatchRequest, run_queued_request, stream_dispatch
+
+blp = Blueprint("front_doors", __name__, description="OpenAI- and Ollama-compatible front doors")
+
+AUTO = "auto"
+OLLAMA_VERSION = "0.6.3"
+DEFAULT_TASK_TYPE = "conversation"
+
+
+class LenientSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+class ChatMessageSchema(MessageSchema, LenientSchema):
+    pass
+
+
+class ResponseFormatSchema(LenientSchema):
+    type = fields.String(required=True, validate=validate.OneOf(("text", "json_object", "json_schema")))
+    json_schema = fields.Dict()
+
+
+class ChatCompletionSchema(LenientSchema):
+    model = fields.String(required=True, validate=validate.Length(1, 130))
+    messages = fields.List(fields.Nested(ChatMessageSchema), required=True, validate=validate.Length(1, 200))
+    stream = fields.Boolean(load_default=False)
+    max_tokens = fields.Integer(validate=validate.Range(1, 8192))
+    max_completion_tokens = fields.Integer(validate=validate.Range(1, 8192))
+    temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2))
+    seed = fields.Integer(allow_none=True, validate=validate.Range(0, 2**31 - 1))
+    response_format = fields.Nested(ResponseFormatSchema, allow_none=True)
+
+    @validates_schema
+    def _last_is_user(self, data: dict, **kwargs) -> None:
+        if data["messages"][-1]["role"] != "user":
+            raise ValidationError("The last message must be a user message.", "messages")
+
+
+class OllamaOptionsSchema(LenientSchema):
+    temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2))
+    num_predict = fields.Integer(allow_none=True, validate=validate.Range(-2, 8192))
+    seed = fields.Integer(allow_none=True, validate=validate.Range(0, 2**31 - 1))
+
+
+class OllamaFormat(fields.Field):
+    """Ollama's `format`: "json", a JSON schema object, or nothing."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if value in ("", None) or value == "json" or isinstance(value, dict):
+            return value or None
+        raise ValidationError('Must be "json" or a JSON schema object.')
+
+
+class OllamaChatSchema(LenientSchema):
+    model = fields.String(required=True, validate=validate.Length(1, 130))
+    messages = fields.List(fields.Nested(ChatMessageSchema), required=True, validate=validate.Length(1, 200))
+    stream = fields.Boolean(load_default=True)
+    format = OllamaFormat(load_default=None, metadata={"description": '"json" or a JSON schema'})
+    options = fields.Nested(OllamaOptionsSchema, load_default=dict)
+
+    @validates_schema
+    def _last_is_user(self, data: dict, **kwargs) -> None:
+        if data["messages"][-1]["role"] != "user":
+            raise ValidationError("The last message must be a user message.", "messages")
+
+
+class OllamaGenerateSchema(LenientSchema):
+    model = fields.String(required=True, validate=validate.Length(1, 130))
+    prompt = fields.String(required=True, validate=validate.Length(1, 1_000_000))
+    system = fields.String(validate=validate.Length(max=100_000))
+    stream = fields.Boolean(load_default=True)
+    format = OllamaFormat(load_default=None, metadata={"description": '"json" or a JSON schema'})
+    options = fields.Nested(OllamaOptionsSchema, load_default=dict)
+
+
+class DispatchHeadersSchema(LenientSchema):
+    task_type = fields.String(data_key="X-Dispatch-Task-Type", load_default=DEFAULT_TASK_TYPE,
+                              validate=validate.OneOf(TASK_TYPES))
+    complexity = Complexity(data_key="X-Dispatch-Complexity", load_default=1)
+    max_retries = fields.Integer(data_key="X-Dispatch-Max-Retries", load_default=2, validate=validate.Range(0, 5))
+
+
+# --- OpenAI ----------------------------------------------------------------------------------
+
+@blp.route("/v1/chat/completions")
+class ChatCompletions(MethodView):
+    @blp.arguments(DispatchHeadersSchema, location="headers")
+    @blp.arguments(ChatCompletionSchema)
+    @blp.response(200, content_type="application/json")
+    @blp.alt_response(200, content_type="text/event-stream", success=True, description="stream: true")
+    def post(self, headers, body):
+        """OpenAI chat completions; `model: "auto"` lets the dispatcher choose."""
+        output_format, json_schema = _openai_format(body.get("response_format"))
+        dispatch = _dispatch_request(headers, body, messages=body["messages"], output_format=output_format,
+                                     json_schema=json_schema,
+                                     max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
+                                     temperature=body.get("temperature"), seed=body.get("seed"))
+        if body["stream"]:
+            return _event_stream(dispatch, _openai_chunks)
+        result = _run(dispatch)
+        return _openai_completion(result)
+
+
+@blp.route("/v1/models")
+class OpenAIModels(MethodView):
+    @blp.response(200, content_type="application/json")
+    def get(self):
+        """The models a client may name: "auto" and every active model (name:version)."""
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(created), "owned_by": "dispatcher"}
+            for name, created in _model_names()]}
+
+
+# --- Ollama ----------------------------------------------------------------------------------
+
+@blp.route("/api/chat")
+class OllamaChat(MethodView):
+    @blp.arguments(DispatchHeadersSchema, location="headers")
+    @blp.arguments(OllamaChatSchema)
+    @blp.response(200, content_type="application/json")
+    @blp.alt_response(200, content_type="application/x-ndjson", success=True, description="stream: true")
+    def post(self, headers, body):
+        """Ollama chat (NDJSON stream by default); model "auto" lets the dispatcher choose."""
+        dispatch = _dispatch_request(headers, body, messages=body["messages"], **_ollama_options(body))
+        if body["stream"]:
+            return _ndjson_stream(dispatch, body["model"], chat=True)
+        return _ollama_answer(_run(dispatch), body["model"], chat=True)
+
+
+@blp.route("/api/generate")
+class OllamaGenerate(MethodView):
+    @blp.arguments(DispatchHeadersSchema, location="headers")
+    @blp.arguments(OllamaGenerateSchema)
+    @blp.response(200, content_type="application/json")
+    @blp.alt_response(200, content_type="application/x-ndjson", success=True, description="stream: true")
+    def post(self, headers, body):
+        """Ollama generate (NDJSON stream by default); model "auto" lets the dispatcher choose."""
+        messages = ([{"role": "system", "content": body["system"]}] if body.get("system") else []) + \
+                   [{"role": "user", "content": body["prompt"]}]
+        dispatch = _dispatch_request(headers, body, messages=messages, **_ollama_options(body))
+        if body["stream"]:
+            return _ndjson_stream(dispatch, body["model"], chat=False)
+        return _ollama_answer(_run(dispatch), body["model"], chat=False)
+
+
+@blp.route("/api/tags")
+class OllamaTags(MethodView):
+    @blp.response(200, content_type="application/json")
+    def get(self):
+        """The models a client may name, in Ollama's shape."""
+        return {"models": [_ollama_model(name, created) for name, created in _model_names()]}
+
+
+@blp.route("/api/ps")
+class OllamaRunning(MethodView):
+    @blp.response(200, content_type="application/json")
+    def get(self):
+        """Models with a running runtime, in Ollama's shape."""
+        with get_db().connection() as conn:
+            rows = queries.running_models(conn)
+        return {"models": [{**_ollama_model(f"{row['name']}:{row['version']}", row["started"]),
+                            "size_vram": 0, "expires_at": None} for row in rows]}
+
+
+@blp.route("/api/version")
+class OllamaVersion(MethodView):
+    @blp.response(200, content_type="application/json")
+    def get(self):
+        """The Ollama API version this front door speaks."""
+        return {"version": OLLAMA_VERSION}
+
+
+# --- shared ----------------------------------------------------------------------------------
+
+def _dispatch_request(headers: dict, body: dict, *, messages: list[dict], output_format: str = "text",
+                      json_schema: dict | None = None, max_tokens: int | None = None,
+                      temperature: float | None = None, seed: int | None = None) -> dict:
+    """The stored form of a dispatch (the same payload POST /dispatch stores)."""
+    model = body["model"].removesuffix(":latest")
+    if model != AUTO and not _is_model_ref(model):
+        raise Unprocessable(f"model {body['model']!r} is neither 'auto' nor a model name.",
+                            errors={"json": {"model": ["Unknown model name syntax."]}})
+    return {
+        "task_type": headers["task_type"], "complexity": headers["complexity"],
+        "max_retries": headers["max_retries"], "messages": messages, "output_format": output_format,
+        "json_schema": json_schema, "variables": {}, "max_tokens": max_tokens or 256,
+        "temperature": temperature, "seed": seed, "priority": 100, "requirements": {},
+        "timeout_s": 120.0, "model": None if model == AUTO else model, "callback_url": None,
+    }
+
+
+def _run(payload: dict) -> dict:
+    """Record and run the request like POST /dispatch does."""
+    row = _enqueue(payload)
+    return run_queued_request(get_db(), current_settings(), row, owner=row["lease_owner"], raise_problem=True)
+
+
+def _enqueue(payload: dict) -> dict:
+    with get_db().connection() as conn:
+        return request_queue.enqueue(conn, request_id=dispatch_request_id(), payload=payload, task_type=payload["task_type"],
+                                     priority=payload["priority"], mode="sync", callback_url=None,
+                                     lease_owner=request_queue.lease_owner(),
+                                     lease_seconds=request_queue.LEASE_SECONDS)
+
+
+def _stream(payload: dict) -> tuple[dict, Iterator[dict]]:
+    """Start a streamed dispatch; problems before the first token surface as HTTP errors."""
+    row = _enqueue(payload)
+    events = stream_dispatch(get_db(), current_settings(), row, owner=row["lease_owner"])
+    first = next(events)        # the start event: selection and runtime done, or a Problem raised
+    return first, events
+
+
+def _event_stream(payload: dict, to_chunks) -> Response:
+    start, events = _stream(payload)
+
+    def body() -> Iterator[str]:
+        for chunk in to_chunks(start, events):
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return Response(stream_with_context(body()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Dispatch-Model": start["model"]})
+
+
+def _openai_chunks(start: dict, events: Iterator[dict]) -> Iterator[dict]:
+    base = {"id": f"chatcmpl-{start['request_id']}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": start["model"]}
+    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    for event in events:
+        if "text" in event:
+            yield {**base, "choices": [{"index": 0, "delta": {"content": event["text"]}, "finish_reason": None}]}
+        else:
+            yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": event["finish_reason"]}],
+                   "usage": _usage(event["tokens"])}
+
+
+def _openai_completion(result: dict) -> dict:
+    return {
+        "id": f"chatcmpl-{result['request_id']}", "object": "chat.completion", "created": int(time.time()),
+        "model": f"{result['model']['name']}:{result['model']['version']}",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result["raw"]},
+                     "finish_reason": "stop"}],
+        "usage": _usage(result["tokens"]),
+        "dispatch": {"request_id": result["request_id"], "valid": result["valid"], "timings": result["timings"],
+                     "decision": result["decision"]},
+    }
+
+
+def _usage(tokens: dict) -> dict:
+    prompt, completion = tokens.get("input") or 0, tokens.get("output") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _openai_format(response_format: dict | None) -> tuple[str, dict | None]:
+    if not response_format or response_format["type"] == "text":
+        return "text", None
+    if response_format["type"] == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return "json", schema if isinstance(schema, dict) else None
+    return "json", None
+
+
+def _ollama_options(body: dict) -> dict:
+    options = body.get("options") or {}
+    fmt = body.get("format")
+    num_predict = options.get("num_predict")
+    return {"output_format": "json" if fmt else "text", "json_schema": fmt if isinstance(fmt, dict) else None,
+            "max_tokens": num_predict if num_predict and num_predict > 0 else None,
+            "temperature": options.get("temperature"), "seed": options.get("seed")}
+
+
+def _ndjson_stream(payload: dict, requested_model: str, *, chat: bool) -> Response:
+    start, events = _stream(payload)
+
+    def body() -> Iterator[str]:
+        for event in events:
+            if "text" in event:
+                yield json.dumps(_ollama_part(requested_model, event["text"], chat=chat)) + "\n"
+            else:
+                yield json.dumps(_ollama_done(requested_model, "", event, chat=chat)) + "\n"
+
+    return Response(stream_with_context(body()), mimetype="application/x-ndjson",
+                    headers={"X-Dispatch-Model": start["model"]})
+
+
+def _ollama_answer(result: dict, requested_model: str, *, chat: bool) -> dict:
+    end = {"finish_reason": "stop", "tokens": result["tokens"], "timings": result["timings"]}
+    return {**_ollama_done(requested_model, result["raw"], end, chat=chat),
+            "dispatch": {"request_id": result["request_id"], "valid": result["valid"],
+                         "model": f"{result['model']['name']}:{result['model']['version']}",
+                         "decision": result["decision"]}}
+
+
+def _ollama_part(model: str, text: str, *, chat: bool) -> dict:
+    part = {"model": model, "created_at": _now(), "done": False}
+    if chat:
+        part["message"] = {"role": "assistant", "content": text}
+    else:
+        part["response"] = text
+    return part
+
+
+def _ollama_done(model: str, text: str, end: dict, *, chat: bool) -> dict:
+    tokens, timings = end["tokens"], end.get("timings") or {}
+    ns = 1_000_000
+    return {**_ollama_part(model, text, chat=chat), "done": True, "done_reason": end["finish_reason"] or "stop",
+            "total_duration": int((timings.get("total_ms") or 0) * ns),
+            "load_duration": int((timings.get("cold_start_ms") or 0) * ns),
+            "prompt_eval_count": tokens.get("input") or 0, "eval_count": tokens.get("output") or 0,
+            "eval_duration": int((timings.get("generation_ms") or 0) * ns)}
+
+
+def _ollama_model(name: str, created) -> dict:
+    return {"name": name, "model": name, "modified_at": _iso(created), "size": 0, "digest": "",
+            "details": {"format": "gguf", "family": name.split(":")[0], "families": None,
+                        "parameter_size": "", "quantization_level": ""}}
+
+
+def _model_names() -> list[tuple[str, object]]:
+    with get_db().connection() as conn:
+        rows = queries.active_models(conn)
+    return [(AUTO, 0)] + [(f"{row['name']}:{row['version']}", row["created_at"].timestamp()) for row in rows]
+
+
+def _iso(moment) -> str:
+    if isinstance(moment, (int, float)):
+        moment = datetime.fromtimestamp(moment, timezone.utc)
+    return moment.isoformat()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _is_model_ref(value: str) -> bool:
+    return re.match(MODEL_REF, value) is not None

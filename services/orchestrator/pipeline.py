@@ -1,0 +1,486 @@
+"""The dispatch pipeline: select -> ensure runtime -> build prompt -> generate -> validate -> log.
+
+It calls the other services' domain modules in-process (they share the database): an HTTP hop
+per step would only add latency and failure modes to the hot path.
+
+Failure handling, per request, within `max_retries` extra attempts:
+- the runtime fails, times out or cannot start -> the next candidate (wrapping around to the
+  first when the list is exhausted, so a restarted runtime gets its turn);
+- the output does not validate -> one repair on the same model (the model sees its answer and
+  what was wrong), then escalation to the next candidate that is at least as capable.
+Every attempt is logged in performance_logs. When all fail, `DispatchFailed` carries them all.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from services.common.config import Settings
+from services.common.db import Database
+from services.common.errors import BadGateway, GatewayTimeout, Problem
+from services.common.http import http_session
+from services.orchestrator import request_queue
+from services.optimizer.performance import log_performance
+from services.orchestrator.generation import resolve_model
+from services.orchestrator.lifecycle import leased_runtime
+from services.orchestrator.protocols import (Generation, ModelServerTimeout, Options,
+                                             client_for)
+from services.prompt_builder.formats import ParsedOutput, parse_output, repair_prompt
+from services.prompt_builder.templates import BuiltPrompt, PromptRequest, build_prompt
+from services.registry.selection import Candidate, Selection, SelectionRequest, select_models
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DispatchRequest:
+    """What a caller asks for; `model` pins one model ("name:version") instead of selecting."""
+
+    task_type: str
+    prompt: str | None = None
+    messages: tuple[dict, ...] = ()
+    complexity: int = 1
+    output_format: str = "text"
+    json_schema: dict | None = None
+    variables: dict = field(default_factory=dict)
+    max_tokens: int = 256
+    temperature: float | None = None
+    seed: int | None = None
+    max_retries: int = 2
+    timeout_s: float = 120.0
+    model: str | None = None
+    max_memory_mb: int | None = None
+    max_latency_ms: int | None = None
+    weights: dict | None = None
+    required_tags: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    prefer_warm: bool = True
+
+    @classmethod
+    def from_payload(cls, body: dict) -> DispatchRequest:
+        """The request from a validated body (as DispatchSchema loads it and the queue stores it)."""
+        requirements = body.get("requirements") or {}
+        return cls(
+            task_type=body["task_type"], prompt=body.get("prompt"),
+            messages=tuple(body.get("messages") or ()), complexity=body["complexity"],
+            output_format=body["output_format"], json_schema=body.get("json_schema"),
+            variables=body.get("variables") or {}, max_tokens=body["max_tokens"],
+            temperature=body.get("temperature"), seed=body.get("seed"),
+            max_retries=body["max_retries"], timeout_s=body["timeout_s"], model=body.get("model"),
+            max_memory_mb=requirements.get("max_memory_mb"), max_latency_ms=requirements.get("max_latency_ms"),
+            weights=requirements.get("weights"), required_tags=tuple(requirements.get("required_tags", ())),
+            exclude=tuple(requirements.get("exclude", ())), prefer_warm=requirements.get("prefer_warm", True),
+        )
+
+    @property
+    def user_text(self) -> str:
+        """The text the template wraps: the prompt, or the last user message of a chat."""
+        return self.prompt if self.prompt is not None else self.messages[-1]["content"]
+
+
+@dataclass
+class Attempt:
+    number: int
+    model: str
+    model_id: str
+    runtime_id: str | None = None
+    outcome: str = "pending"       # ok | invalid_output | timeout | server_error | start_failed
+    error: str | None = None
+    reasons: list[dict] = field(default_factory=list)
+    repair: bool = False
+    duration_ms: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """The end of one attempt: what came back, and the timings of its steps."""
+
+    attempt: Attempt
+    built: BuiltPrompt | None = None
+    generation: Generation | None = None
+    parsed: ParsedOutput | None = None
+    ensure_ms: float = 0.0
+    cold_start: bool = False
+
+
+class DispatchFailed(Problem):
+    """Every attempt failed: 504 when the last one timed out, else 502."""
+
+    def __init__(self, request_id: str, attempts: list[Attempt]) -> None:
+        timed_out = bool(attempts) and attempts[-1].outcome == "timeout"
+        self.status = GatewayTimeout.status if timed_out else BadGateway.status
+        summary = ", ".join(f"{a.model}: {a.outcome}" for a in attempts)
+        super().__init__(f"No model produced a usable answer ({summary}).",
+                         dispatch_id=request_id, attempts=[asdict(a) for a in attempts])
+
+
+def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: str,
+                       raise_problem: bool = False) -> dict | None:
+    """Run a request this owner holds the lease of; record its end (and call back, if asked).
+
+    The sync endpoint passes `raise_problem` so its caller gets the problem; a worker keeps going.
+    """
+    request_id = str(row["id"])
+    queue_wait_ms = max(0.0, (row["started_at"] - row["created_at"]).total_seconds() * 1000)
+
+    def note_attempt(attempt: Attempt) -> None:
+        with db.connection() as conn:
+            request_queue.assign(conn, request_id, owner=owner, model_id=attempt.model_id,
+                                 runtime_id=attempt.runtime_id)
+
+    try:
+        with lease_kept_alive(db, request_id, owner):
+            result = dispatch(db, settings, request_id, DispatchRequest.from_payload(row["request_payload"]),
+                              queue_wait_ms=queue_wait_ms, on_attempt=note_attempt)
+    except Exception as error:
+        details = _error_details(error)
+        with db.connection() as conn:
+            recorded = request_queue.fail(conn, request_id, owner=owner, error_details=details)
+        if recorded:
+            _call_back(row, {"request_id": request_id, "status": "failed", "error": details})
+        if raise_problem or not isinstance(error, Problem):
+            raise
+        return None
+    with db.connection() as conn:
+        recorded = request_queue.complete(conn, request_id, owner=owner, result=result)
+    if recorded:
+        _call_back(row, result)
+    else:
+        logger.warning("lease lost before completion; result dropped", extra={"dispatch_id": request_id})
+    return result
+
+
+@contextmanager
+def lease_kept_alive(db: Database, request_id: str, owner: str) -> Iterator[None]:
+    """Renew the request's lease while the block runs, so only a dead owner's lease lapses."""
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(request_queue.LEASE_RENEW_S):
+            try:
+                with db.connection() as conn:
+                    request_queue.renew_lease(conn, request_id, owner=owner,
+                                              lease_seconds=request_queue.LEASE_SECONDS)
+            except Exception:
+                logger.warning("could not renew a lease", extra={"dispatch_id": request_id})
+
+    thread = threading.Thread(target=renew, name=f"lease-{request_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _error_details(error: Exception) -> dict:
+    if isinstance(error, Problem):
+        return {"status": error.status, "detail": error.detail, **error.extensions}
+    return {"status": 500, "detail": "An unexpected error occurred; it has been logged."}
+
+
+def _call_back(row: dict, body: dict) -> None:
+    """POST the outcome to the request's callback URL (e.g. an n8n Wait node's resume URL)."""
+    if not row.get("callback_url"):
+        return
+    try:
+        response = _callback_session().post(row["callback_url"], json=body)
+        response.raise_for_status()
+    except Exception as error:  # the result stays available at GET /requests/{id}
+        logger.warning("callback failed", extra={"dispatch_id": str(row["id"]), "error": str(error)})
+
+
+@lru_cache(maxsize=1)
+def _callback_session():
+    # POST is retried only when the connection failed before anything was sent.
+    return http_session(timeout_s=10.0, retries=2, retry_methods=frozenset())
+
+
+def dispatch(db: Database, settings: Settings, request_id: str, request: DispatchRequest, *,
+             queue_wait_ms: float = 0.0, on_attempt=None) -> dict:
+    """Run one request to a validated answer; raise DispatchFailed when every attempt fails."""
+    started = time.perf_counter()
+    if request.model:
+        selection = pinned_selection(db, request)
+    else:
+        with db.connection() as conn:
+            selection = select_models(conn, selection_request(request), settings)
+    selection_ms = _ms_since(started)
+
+    candidates = selection.candidates
+    attempts: list[Attempt] = []
+    index, repair_of = 0, None
+    while len(attempts) <= request.max_retries:
+        candidate = candidates[index % len(candidates)]
+        attempt = Attempt(number=len(attempts) + 1, model=_label(candidate.model),
+                          model_id=str(candidate.model["id"]), repair=repair_of is not None)
+        attempts.append(attempt)
+        outcome = run_attempt(db, settings, request_id, request, candidate, attempt,
+                              repair_of=repair_of, queue_wait_ms=queue_wait_ms, on_attempt=on_attempt)
+        if attempt.outcome == "ok":
+            return _answer(request_id, request, selection, outcome, attempts,
+                           selection_ms=selection_ms, total_ms=_ms_since(started), queue_wait_ms=queue_wait_ms)
+        if attempt.outcome == "invalid_output" and repair_of is None:
+            repair_of = outcome       # same model, once, with what was wrong
+            continue
+        repair_of = None
+        index = _next_candidate(candidates, index, escalate=attempt.outcome == "invalid_output")
+    raise DispatchFailed(request_id, attempts)
+
+
+def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) -> Iterator[dict]:
+    """A streamed answer (no output validation): a start event, text events, then an end event.
+
+    Models are tried in rank order until one starts answering; after the first token there is no
+    retry. Problems before the start event are raised from the first `next()`.
+    """
+    request_id = str(row["id"])
+    request = DispatchRequest.from_payload(row["request_payload"])
+    try:
+        if request.model:
+            selection = pinned_selection(db, request)
+        else:
+            with db.connection() as conn:
+                selection = select_models(conn, selection_request(request), settings)
+    except Exception as error:
+        _record_failure(db, row, owner, error)
+        raise
+    attempts: list[Attempt] = []
+    with lease_kept_alive(db, request_id, owner):
+        for candidate in selection.candidates[:request.max_retries + 1]:
+            attempt = Attempt(number=len(attempts) + 1, model=_label(candidate.model),
+                              model_id=str(candidate.model["id"]))
+            attempts.append(attempt)
+            outcome = Outcome(attempt=attempt)
+            started, streaming, text = time.perf_counter(), False, []
+            try:
+                with db.connection() as conn:
+                    outcome.built = build_prompt(conn, prompt_request(request, candidate.model))
+                with leased_runtime(db, candidate.model["id"], settings) as runtime:
+                    outcome.ensure_ms = _ms_since(started)
+                    attempt.runtime_id = str(runtime["id"])
+                    client = client_for(candidate.model, runtime["endpoint"], timeout_s=request.timeout_s)
+                    stream = client.stream(messages=conversation(request, outcome.built, None),
+                                           options=generation_options(request))
+                    yield {"request_id": request_id, "model": attempt.model, "runtime_id": attempt.runtime_id}
+                    streaming = True
+                    for chunk in stream:
+                        text.append(chunk)
+                        yield {"text": chunk}
+                    outcome.generation = stream.result
+            except Problem as error:
+                attempt.outcome = "timeout" if isinstance(error, ModelServerTimeout) else (
+                    "server_error" if attempt.runtime_id else "start_failed")
+                attempt.error = error.detail
+                attempt.duration_ms = _ms_since(started)
+                _log_attempt(db, request_id, request, outcome, 0.0)
+                if streaming:   # no retry after the first token: end the stream, record the failure
+                    _record_failure(db, row, owner, DispatchFailed(request_id, attempts))
+                    yield {"finish_reason": "error", "tokens": {}, "timings": {"total_ms": attempt.duration_ms}}
+                    return
+                continue
+            attempt.outcome, attempt.duration_ms = "ok", _ms_since(started)
+            _log_attempt(db, request_id, request, outcome, 0.0)
+            generation = outcome.generation
+            result = {"request_id": request_id, "status": "completed", "streamed": True, "raw": "".join(text),
+                      "model": {"id": attempt.model_id, "name": candidate.model["name"],
+                                "version": candidate.model["version"]},
+                      "runtime_id": attempt.runtime_id, "attempts": [asdict(a) for a in attempts]}
+            with db.connection() as conn:
+                request_queue.complete(conn, request_id, owner=owner, result=result)
+            tokens = {"input": generation.input_tokens if generation else None,
+                      "output": generation.output_tokens if generation else None}
+            yield {"finish_reason": (generation.finish_reason if generation else None) or "stop", "tokens": tokens,
+                   "timings": {"total_ms": attempt.duration_ms, "cold_start_ms": 0.0,
+                               "generation_ms": generation.timings.total_ms if generation else 0.0}}
+            return
+    failure = DispatchFailed(request_id, attempts)
+    _record_failure(db, row, owner, failure)
+    raise failure
+
+
+def _record_failure(db: Database, row: dict, owner: str, error: Exception) -> None:
+    with db.connection() as conn:
+        request_queue.fail(conn, str(row["id"]), owner=owner, error_details=_error_details(error))
+
+
+def selection_request(request: DispatchRequest) -> SelectionRequest:
+    return SelectionRequest(
+        task_type=request.task_type, complexity=request.complexity,
+        max_memory_mb=request.max_memory_mb, max_latency_ms=request.max_latency_ms,
+        weights=request.weights, required_tags=request.required_tags, exclude=request.exclude,
+        prefer_warm=request.prefer_warm, limit=5,
+    )
+
+
+def pinned_selection(db: Database, request: DispatchRequest) -> Selection:
+    """The one model the caller named, as a selection of one (no scoring)."""
+    model = resolve_model(db, model=request.model)
+    return Selection(task_type=request.task_type, complexity=request.complexity, weights={},
+                     eligible_count=1, candidates=[Candidate(model=model, score=1.0, breakdown={},
+                                                             data={"pinned": True})])
+
+
+def run_attempt(db: Database, settings: Settings, request_id: str, request: DispatchRequest,
+                candidate: Candidate, attempt: Attempt, *, repair_of: Outcome | None,
+                queue_wait_ms: float, on_attempt=None) -> Outcome:
+    """One model, one runtime, one generation, checked and logged."""
+    model = candidate.model
+    outcome = Outcome(attempt=attempt)
+    started = time.perf_counter()
+    try:
+        with db.connection() as conn:
+            outcome.built = build_prompt(conn, prompt_request(request, model))
+        with leased_runtime(db, model["id"], settings) as runtime:
+            outcome.ensure_ms = _ms_since(started)
+            outcome.cold_start = not candidate.data.get("warm", False) and outcome.ensure_ms > 50
+            attempt.runtime_id = str(runtime["id"])
+            if on_attempt:
+                on_attempt(attempt)
+            client = client_for(model, runtime["endpoint"], timeout_s=request.timeout_s)
+            outcome.generation = client.generate(
+                messages=conversation(request, outcome.built, repair_of), options=generation_options(request))
+        outcome.parsed = parse_output(outcome.generation.text, request.output_format, request.json_schema)
+        attempt.outcome = "ok" if outcome.parsed.valid else "invalid_output"
+        attempt.reasons = outcome.parsed.reasons
+    except ModelServerTimeout as error:
+        attempt.outcome, attempt.error = "timeout", error.detail
+    except Problem as error:
+        # Start failures (RuntimeUnavailable...) and server errors (ModelServerError) alike.
+        attempt.outcome = "server_error" if outcome.ensure_ms else "start_failed"
+        attempt.error = error.detail
+    attempt.duration_ms = _ms_since(started)
+    _log_attempt(db, request_id, request, outcome, queue_wait_ms)
+    return outcome
+
+
+def prompt_request(request: DispatchRequest, model: dict) -> PromptRequest:
+    return PromptRequest(prompt=request.user_text, task_type=request.task_type,
+                         model=_label(model), protocol=model["protocol"],
+                         output_format=request.output_format, json_schema=request.json_schema,
+                         variables=request.variables)
+
+
+def conversation(request: DispatchRequest, built: BuiltPrompt, repair_of: Outcome | None) -> list[dict]:
+    """The messages sent: earlier chat turns, the templated request, and a repair turn if any."""
+    history = list(request.messages[:-1])
+    messages = built.messages
+    if any(m["role"] == "system" for m in history):
+        # The caller's own system message wins over the template's.
+        messages = [m for m in messages if m["role"] != "system"]
+    messages = [m for m in messages if m["role"] == "system"] + history + \
+               [m for m in messages if m["role"] != "system"]
+    if repair_of and repair_of.generation and repair_of.parsed:
+        raw = repair_of.generation.text
+        messages += [{"role": "assistant", "content": raw},
+                     {"role": "user", "content": repair_prompt(raw, repair_of.parsed, request.output_format,
+                                                               request.json_schema)}]
+    return messages
+
+
+def generation_options(request: DispatchRequest) -> Options:
+    response_format = None
+    if request.output_format == "json":
+        response_format = request.json_schema if request.json_schema is not None else "json"
+    return Options(max_tokens=request.max_tokens, temperature=request.temperature,
+                   response_format=response_format, seed=request.seed)
+
+
+def _next_candidate(candidates: list[Candidate], index: int, *, escalate: bool) -> int:
+    """The next candidate to try; when escalating, the next one at least as capable if any."""
+    if escalate:
+        current = candidates[index % len(candidates)].model["complexity_score"]
+        for step in range(1, len(candidates)):
+            if candidates[(index + step) % len(candidates)].model["complexity_score"] >= current:
+                return index + step
+    return index + 1
+
+
+def _log_attempt(db: Database, request_id: str, request: DispatchRequest, outcome: Outcome,
+                 queue_wait_ms: float) -> None:
+    attempt, generation = outcome.attempt, outcome.generation
+    timings = generation.timings if generation else None
+    row = {
+        "model_id": attempt.model_id,
+        "runtime_id": attempt.runtime_id,
+        "request_id": request_id,
+        "task_type": request.task_type,
+        "output_format": request.output_format,
+        "attempt": attempt.number,
+        "template_id": outcome.built.template["id"] if outcome.built else None,
+        "template_version": outcome.built.template["version"] if outcome.built else None,
+        "input_tokens": generation.input_tokens if generation else None,
+        "output_tokens": generation.output_tokens if generation else None,
+        "tokens_per_second": timings.tokens_per_second if timings else None,
+        "processing_time_ms": round(attempt.duration_ms),
+        "load_time_ms": round(outcome.ensure_ms) if outcome.cold_start else None,
+        "queue_wait_ms": round(queue_wait_ms),
+        "success": attempt.outcome in ("ok", "invalid_output"),
+        "validation_passed": outcome.parsed.valid if outcome.parsed else None,
+        "error_class": None if attempt.outcome == "ok" else attempt.outcome,
+        "error_message": (attempt.error or "")[:5000] or None,
+    }
+    try:
+        with db.connection() as conn:
+            log_performance(conn, row)
+    except Exception:  # a lost log row must not lose the answer
+        logger.exception("could not log a performance row", extra={"dispatch_id": request_id})
+
+
+def _answer(request_id: str, request: DispatchRequest, selection: Selection, outcome: Outcome,
+            attempts: list[Attempt], *, selection_ms: float, total_ms: float, queue_wait_ms: float) -> dict:
+    generation, attempt = outcome.generation, outcome.attempt
+    chosen = next(c for c in selection.candidates if str(c.model["id"]) == attempt.model_id)
+    return {
+        "request_id": request_id,
+        "status": "completed",
+        "response": outcome.parsed.value,
+        "raw": generation.text,
+        "valid": outcome.parsed.valid,
+        "output_format": request.output_format,
+        "model": {"id": attempt.model_id, "name": chosen.model["name"], "version": chosen.model["version"]},
+        "runtime_id": attempt.runtime_id,
+        "template": outcome.built.template,
+        "timings": {
+            "queue_wait_ms": round(queue_wait_ms, 3),
+            "selection_ms": round(selection_ms, 3),
+            "cold_start_ms": round(outcome.ensure_ms, 3) if outcome.cold_start else 0.0,
+            "ensure_ms": round(outcome.ensure_ms, 3),
+            "generation_ms": round(generation.timings.total_ms, 3),
+            "total_ms": round(total_ms, 3),
+        },
+        "tokens": {"input": generation.input_tokens, "output": generation.output_tokens,
+                   "per_second": generation.timings.tokens_per_second},
+        "attempts": [asdict(a) for a in attempts],
+        "decision": decision(selection, chosen),
+    }
+
+
+def decision(selection: Selection, chosen: Candidate) -> dict[str, Any]:
+    """Why this model: the ranked candidates with their score breakdown, and what was filtered."""
+    return {
+        "task_type": selection.task_type,
+        "complexity": selection.complexity,
+        "weights": selection.weights,
+        "chosen": _label(chosen.model),
+        "why": f"{_label(chosen.model)} ranked {selection.candidates.index(chosen) + 1} of "
+               f"{selection.eligible_count} eligible models with score {chosen.score:.3f}",
+        "candidates": [{"model": _label(c.model), "model_id": str(c.model["id"]), "score": round(c.score, 4),
+                        "breakdown": {k: round(v, 4) for k, v in c.breakdown.items()}, "data": c.data}
+                       for c in selection.candidates],
+        "filtered": [asdict(group) for group in selection.filtered],
+    }
+
+
+def _label(model: dict) -> str:
+    return f"{model['name']}:{model['version']}"
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

@@ -1,0 +1,153 @@
+"""The request queue (`request_queue`): every accepted request, its lease while it runs, its outcome.
+
+A row moves pending -> processing -> completed | failed, or pending -> cancelled. A worker owns a
+processing row through its lease; a row whose lease expired (its worker is gone) is reclaimed:
+async rows go back to pending until they run out of attempts, sync rows fail (their caller is gone).
+Completion is conditional on still holding the lease, so a reclaimed request is never finished twice.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+# Workers LISTEN on this channel; an async enqueue NOTIFYs it when its transaction commits.
+CHANNEL = "request_queue"
+# A running request's lease is renewed every LEASE_RENEW_S; a dead worker's lapses after LEASE_SECONDS.
+LEASE_SECONDS = 30.0
+LEASE_RENEW_S = 10.0
+
+RETURNING = """
+RETURNING id, request_payload, task_type, priority, mode, status, attempts, assigned_model_id,
+          assigned_runtime_id, lease_owner, lease_expires_at, callback_url, result, error_details,
+          created_at, started_at, completed_at
+"""
+
+
+def lease_owner() -> str:
+    """Who holds a lease: host, process and thread, so owners never collide."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_type: str, priority: int, mode: str,
+            callback_url: str | None, lease_owner: str | None = None,
+            lease_seconds: float | None = None) -> dict:
+    """Record a request: pending (async), or already leased to the caller's process (sync)."""
+    if mode == "sync":
+        return conn.execute(
+            "INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status, attempts,"
+            " lease_owner, lease_expires_at, started_at, callback_url)"
+            " VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'sync', 'processing', 1, %(owner)s,"
+            " now() + make_interval(secs => %(lease)s), now(), %(callback_url)s)" + RETURNING,
+            {"id": request_id, "payload": Jsonb(payload), "task_type": task_type, "priority": priority,
+             "owner": lease_owner, "lease": lease_seconds, "callback_url": callback_url},
+        ).fetchone()
+    conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+    return conn.execute(
+        "INSERT INTO request_queue (id, request_payload, task_type, priority, mode, callback_url)"
+        " VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'async', %(callback_url)s)" + RETURNING,
+        {"id": request_id, "payload": Jsonb(payload), "task_type": task_type, "priority": priority,
+         "callback_url": callback_url},
+    ).fetchone()
+
+
+def claim_next(conn: psycopg.Connection, *, owner: str, lease_seconds: float) -> dict | None:
+    """Lease the next pending request (highest priority, then oldest); None when the queue is empty."""
+    return conn.execute(
+        "UPDATE request_queue SET status = 'processing', attempts = attempts + 1, lease_owner = %(owner)s,"
+        " lease_expires_at = now() + make_interval(secs => %(lease)s), started_at = now()"
+        " WHERE id = (SELECT id FROM request_queue WHERE status = 'pending'"
+        "             ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)" + RETURNING,
+        {"owner": owner, "lease": lease_seconds},
+    ).fetchone()
+
+
+def renew_lease(conn: psycopg.Connection, request_id, *, owner: str, lease_seconds: float) -> bool:
+    """Extend a lease this owner still holds; False when it was lost."""
+    row = conn.execute(
+        "UPDATE request_queue SET lease_expires_at = now() + make_interval(secs => %s)"
+        " WHERE id = %s AND lease_owner = %s AND status = 'processing' RETURNING id",
+        (lease_seconds, request_id, owner),
+    ).fetchone()
+    return row is not None
+
+
+def assign(conn: psycopg.Connection, request_id, *, owner: str, model_id, runtime_id) -> None:
+    """Note which model and runtime the current attempt uses."""
+    conn.execute(
+        "UPDATE request_queue SET assigned_model_id = %s, assigned_runtime_id = %s"
+        " WHERE id = %s AND lease_owner = %s AND status = 'processing'",
+        (model_id, runtime_id, request_id, owner),
+    )
+
+
+def complete(conn: psycopg.Connection, request_id, *, owner: str, result: dict) -> bool:
+    """Finish a request this owner still holds; False when its lease was lost meanwhile."""
+    row = conn.execute(
+        "UPDATE request_queue SET status = 'completed', result = %s, completed_at = now(),"
+        " lease_expires_at = NULL WHERE id = %s AND lease_owner = %s AND status = 'processing'"
+        " RETURNING id",
+        (Jsonb(result), request_id, owner),
+    ).fetchone()
+    return row is not None
+
+
+def fail(conn: psycopg.Connection, request_id, *, owner: str, error_details: dict) -> bool:
+    """Mark a request this owner still holds as failed, with every attempt in `error_details`."""
+    row = conn.execute(
+        "UPDATE request_queue SET status = 'failed', error_details = %s, completed_at = now(),"
+        " lease_expires_at = NULL WHERE id = %s AND lease_owner = %s AND status = 'processing'"
+        " RETURNING id",
+        (Jsonb(error_details), request_id, owner),
+    ).fetchone()
+    return row is not None
+
+
+def cancel(conn: psycopg.Connection, request_id) -> dict | None:
+    """Cancel a pending request; None when it is not pending (or does not exist)."""
+    return conn.execute(
+        "UPDATE request_queue SET status = 'cancelled', completed_at = now()"
+        " WHERE id = %s AND status = 'pending'" + RETURNING,
+        (request_id,),
+    ).fetchone()
+
+
+def get(conn: psycopg.Connection, request_id) -> dict | None:
+    return conn.execute(
+        "SELECT id, request_payload, task_type, priority, mode, status, attempts, assigned_model_id,"
+        " assigned_runtime_id, lease_owner, lease_expires_at, callback_url, result, error_details,"
+        " created_at, started_at, completed_at FROM request_queue WHERE id = %s",
+        (request_id,),
+    ).fetchone()
+
+
+def reclaim_expired(conn: psycopg.Connection, *, max_attempts: int) -> list[dict]:
+    """Take back requests whose worker is gone: retry async ones, fail sync ones and spent ones."""
+    return conn.execute(
+        "UPDATE request_queue SET"
+        " status = CASE WHEN mode = 'async' AND attempts < %(max)s THEN 'pending' ELSE 'failed' END,"
+        " error_details = CASE WHEN mode = 'async' AND attempts < %(max)s THEN error_details"
+        "   ELSE jsonb_build_object('error', 'worker_lost',"
+        "        'detail', 'The worker running this request stopped before finishing it.',"
+        "        'attempts', attempts) END,"
+        " completed_at = CASE WHEN mode = 'async' AND attempts < %(max)s THEN NULL ELSE now() END,"
+        " lease_owner = NULL, lease_expires_at = NULL"
+        " WHERE id IN (SELECT id FROM request_queue WHERE status = 'processing'"
+        "              AND lease_expires_at < now() FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, mode, status, attempts",
+        {"max": max_attempts},
+    ).fetchall()
+
+
+def add_feedback(conn: psycopg.Connection, request_id, *, score: float, label: str | None,
+                 comment: str | None) -> dict | None:
+    """Store a rating of a request's answer against the model that gave it; None if no such request."""
+    return conn.execute(
+        "INSERT INTO request_feedback (request_id, model_id, score, label, comment)"
+        " SELECT id, assigned_model_id, %s, %s, %s FROM request_queue WHERE id = %s"
+        " RETURNING id, request_id, model_id, score::float AS score, label, comment, created_at",
+        (score, label, comment, request_id),
+    ).fetchone()

@@ -1,0 +1,130 @@
+"""Queue workers: `python -m services.orchestrator.worker [--workers N]`.
+
+Each worker thread claims the next pending request (priority, then age; FOR UPDATE SKIP LOCKED,
+so no request runs twice), runs it through the pipeline and records the outcome. Idle workers
+sleep until Postgres NOTIFYs a new request (or a short timeout passes). One thread also reclaims
+requests whose lease expired because their worker died.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+
+import psycopg
+
+from services.common.config import Settings
+from services.common.db import Database, PooledDatabase
+from services.common.logs import configure_logging
+from services.orchestrator import request_queue
+from services.orchestrator.pipeline import run_queued_request
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 1.0
+RECLAIM_INTERVAL_S = 5.0
+MAX_ATTEMPTS = 3
+
+
+class WorkerPool:
+    """N threads draining the queue, woken by NOTIFY; `stop()` lets running requests finish."""
+
+    def __init__(self, db: Database, settings: Settings, *, workers: int) -> None:
+        self.db = db
+        self.settings = settings
+        self.workers = workers
+        self.stopping = threading.Event()
+        self.wakeup = threading.Condition()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        targets = [self._listen, self._reclaim] + [self._work] * self.workers
+        for number, target in enumerate(targets):
+            thread = threading.Thread(target=target, name=f"{target.__name__}-{number}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.stopping.set()
+        with self.wakeup:
+            self.wakeup.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def run_once(self) -> bool:
+        """Claim and run one request; False when the queue was empty."""
+        owner = request_queue.lease_owner()
+        with self.db.connection() as conn:
+            row = request_queue.claim_next(conn, owner=owner, lease_seconds=request_queue.LEASE_SECONDS)
+        if row is None:
+            return False
+        try:
+            run_queued_request(self.db, self.settings, row, owner=owner)
+        except Exception:
+            logger.exception("request failed unexpectedly", extra={"dispatch_id": str(row["id"])})
+        return True
+
+    def _work(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                if self.run_once():
+                    continue
+            except psycopg.Error:
+                logger.exception("queue unavailable; retrying")
+            with self.wakeup:
+                self.wakeup.wait(IDLE_WAIT_S)
+
+    def _listen(self) -> None:
+        """Turn NOTIFYs into wake-ups, so a new request starts at once rather than at the next poll."""
+        while not self.stopping.is_set():
+            try:
+                with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {request_queue.CHANNEL}")
+                    while not self.stopping.is_set():
+                        for _ in conn.notifies(timeout=IDLE_WAIT_S):
+                            with self.wakeup:
+                                self.wakeup.notify()
+            except psycopg.Error:
+                logger.warning("listener lost its connection; reconnecting")
+                self.stopping.wait(1.0)
+
+    def _reclaim(self) -> None:
+        while not self.stopping.wait(RECLAIM_INTERVAL_S):
+            try:
+                with self.db.connection() as conn:
+                    reclaimed = request_queue.reclaim_expired(conn, max_attempts=MAX_ATTEMPTS)
+                if reclaimed:
+                    logger.warning("reclaimed requests of lost workers", extra={"requests": len(reclaimed)})
+                    with self.wakeup:
+                        self.wakeup.notify_all()
+            except psycopg.Error:
+                logger.exception("reclaim failed; retrying")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run queue workers.")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("QUEUE_WORKERS", "4")))
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    db = PooledDatabase(settings.database_url, min_size=1, max_size=args.workers + 2,
+                        statement_timeout_ms=settings.db_statement_timeout_ms, name="dispatcher-worker")
+    db.open()
+    pool = WorkerPool(db, settings, workers=args.workers)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    pool.start()
+    logger.info("workers started", extra={"workers": args.workers})
+    stop.wait()
+    pool.stop()
+    db.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

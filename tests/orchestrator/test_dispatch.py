@@ -1,0 +1,266 @@
+"""POST /dispatch end to end on the test transaction, with fake model servers behind external runtimes."""
+from __future__ import annotations
+
+import json
+from unittest.mock import ANY
+
+import pytest
+
+from fake_model_server import FakeModelServer
+from orchestrator_helpers import insert_model
+from services.orchestrator import create_app, request_queue
+from services.orchestrator.worker import WorkerPool
+
+JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+
+
+@pytest.fixture
+def app(make_app, settings):
+    # Only external runtimes: the seeded process and docker models are filtered out.
+    return make_app(create_app, RUNTIME_DIR=settings.runtime_dir, RUNTIME_DRIVERS=("external",),
+                    RECONCILE_ON_START=False)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def served_by(conn, server: FakeModelServer, *, complexity: int = 3, name: str | None = None, **fields) -> dict:
+    extra = {"name": name} if name else {}
+    return insert_model(conn, runtime_config={"endpoint": server.url, "model_alias": "fake"},
+                        task_types=["question-answering"], complexity_score=complexity, **extra, **fields)
+
+
+def dispatch_body(**fields) -> dict:
+    return {"prompt": "What is 6 times 7?", "task_type": "question-answering", "max_tokens": 32, **fields}
+
+
+def performance_rows(conn, request_id: str) -> list[dict]:
+    return conn.execute(
+        "SELECT model_id, attempt, success, validation_passed, error_class, template_version, output_tokens"
+        " FROM performance_logs WHERE request_id = %s ORDER BY attempt", (request_id,)).fetchall()
+
+
+def queue_row(conn, request_id: str) -> dict:
+    return request_queue.get(conn, request_id)
+
+
+def test_a_dispatch_answers_with_the_decision_and_leaves_a_record(client, conn, fake_server):
+    model = served_by(conn, fake_server)
+
+    response = client.post("/dispatch", json=dispatch_body())
+
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body == {
+        "request_id": response.headers["X-Request-ID"], "status": "completed",
+        "response": "Hello from the fake model.", "raw": "Hello from the fake model.", "valid": True,
+        "output_format": "text",
+        "model": {"id": str(model["id"]), "name": model["name"], "version": "1"},
+        "runtime_id": ANY, "template": {"id": ANY, "task_type": "question-answering",
+                                        "model_family": "default", "version": 1},
+        "timings": {"queue_wait_ms": ANY, "selection_ms": ANY, "cold_start_ms": ANY, "ensure_ms": ANY,
+                    "generation_ms": ANY, "total_ms": ANY},
+        "tokens": {"input": ANY, "output": 5, "per_second": ANY},
+        "attempts": [{"number": 1, "model": f"{model['name']}:1", "model_id": str(model["id"]),
+                      "runtime_id": body["runtime_id"], "outcome": "ok", "error": None, "reasons": [],
+                      "repair": False, "duration_ms": ANY}],
+        "decision": ANY,
+    }
+    decision = body["decision"]
+    assert decision["chosen"] == f"{model['name']}:1"
+    assert [c["model"] for c in decision["candidates"]] == [f"{model['name']}:1"]
+    assert set(decision["candidates"][0]["breakdown"]) >= {"speed", "accuracy", "memory", "cost"}
+    assert any("driver" in group["reason"] for group in decision["filtered"])
+
+    row = queue_row(conn, body["request_id"])
+    assert (row["status"], row["mode"], row["assigned_model_id"]) == ("completed", "sync", model["id"])
+    assert row["result"]["response"] == "Hello from the fake model."
+    assert performance_rows(conn, body["request_id"]) == [
+        {"model_id": model["id"], "attempt": 1, "success": True, "validation_passed": True,
+         "error_class": None, "template_version": 1, "output_tokens": 5}]
+
+
+def test_json_output_is_parsed_and_validated_against_the_schema(client, conn):
+    with FakeModelServer(reply='Sure! ```json\n{"answer": 42}\n```') as server:
+        served_by(conn, server)
+        response = client.post("/dispatch", json=dispatch_body(output_format="json", json_schema=JSON_SCHEMA))
+    body = response.get_json()
+    assert (response.status_code, body["response"], body["valid"]) == (200, {"answer": 42}, True)
+    sent = server.state.requests[-1]["body"]
+    assert sent["response_format"]["type"] == "json_schema"
+
+
+def test_invalid_output_is_repaired_once_then_escalated_to_a_stronger_model(client, conn):
+    with FakeModelServer(reply="forty-two") as weak, FakeModelServer(reply='{"answer": 42}') as strong:
+        small = served_by(conn, weak, complexity=3, name="aaa-small")
+        large = served_by(conn, strong, complexity=5, name="zzz-large")
+        response = client.post("/dispatch", json=dispatch_body(
+            output_format="json", json_schema=JSON_SCHEMA,
+            requirements={"weights": {"speed": 0, "accuracy": 0, "memory": 0, "cost": 1}}))
+        repair_turn = weak.state.requests[-1]["body"]["messages"]
+
+    body = response.get_json()
+    assert response.status_code == 200
+    assert [(a["model"], a["outcome"], a["repair"]) for a in body["attempts"]] == [
+        ("aaa-small:1", "invalid_output", False), ("aaa-small:1", "invalid_output", True),
+        ("zzz-large:1", "ok", False)]
+    assert body["response"] == {"answer": 42}
+    assert repair_turn[-2] == {"role": "assistant", "content": "forty-two"}
+    assert repair_turn[-1]["content"].startswith("Your previous answer could not be used:")
+    assert [(r["model_id"], r["validation_passed"], r["error_class"]) for r in
+            performance_rows(conn, body["request_id"])] == [
+        (small["id"], False, "invalid_output"), (small["id"], False, "invalid_output"), (large["id"], True, None)]
+
+
+def test_a_failing_runtime_moves_the_request_to_the_next_candidate(client, conn):
+    with FakeModelServer(fault="error") as broken, FakeModelServer(reply="42") as healthy:
+        served_by(conn, broken, name="aaa-broken")
+        served_by(conn, healthy, name="zzz-healthy")
+        response = client.post("/dispatch", json=dispatch_body(
+            requirements={"weights": {"speed": 0, "accuracy": 0, "memory": 0, "cost": 1}}))
+    body = response.get_json()
+    assert response.status_code == 200
+    assert [(a["model"], a["outcome"]) for a in body["attempts"]] == [
+        ("aaa-broken:1", "server_error"), ("zzz-healthy:1", "ok")]
+
+
+def test_when_every_attempt_fails_the_answer_is_a_502_with_every_attempt(client, conn):
+    with FakeModelServer(fault="garbage") as server:
+        model = served_by(conn, server)
+        response = client.post("/dispatch", json=dispatch_body(max_retries=1))
+    body = response.get_json()
+    assert response.status_code == 502
+    assert response.content_type == "application/problem+json"
+    assert body == {
+        "type": "about:blank", "title": "Bad Gateway", "status": 502,
+        "detail": f"No model produced a usable answer ({model['name']}:1: server_error, "
+                  f"{model['name']}:1: server_error).",
+        "request_id": response.headers["X-Request-ID"], "dispatch_id": response.headers["X-Request-ID"],
+        "attempts": [ANY, ANY]}
+    row = queue_row(conn, body["request_id"])
+    assert row["status"] == "failed"
+    assert row["error_details"]["status"] == 502 and len(row["error_details"]["attempts"]) == 2
+    assert [r["error_class"] for r in performance_rows(conn, body["request_id"])] == ["server_error"] * 2
+
+
+def test_a_timeout_is_a_504(client, conn):
+    with FakeModelServer(fault="slow", delay_ms=3000) as server:
+        served_by(conn, server)
+        response = client.post("/dispatch", json=dispatch_body(max_retries=0, timeout_s=1))
+    assert response.status_code == 504
+    assert response.get_json()["attempts"][0]["outcome"] == "timeout"
+
+
+def test_no_candidate_is_a_422_that_says_why_and_the_request_is_failed(client, conn):
+    response = client.post("/dispatch", json=dispatch_body(complexity="high"))
+    body = response.get_json()
+    assert response.status_code == 422
+    assert body["detail"].startswith("No model can take this question-answering request")
+    assert queue_row(conn, body["request_id"])["status"] == "failed"
+
+
+def test_a_pinned_model_skips_selection(client, conn, fake_server):
+    model = served_by(conn, fake_server)
+    response = client.post("/dispatch", json=dispatch_body(model=f"{model['name']}:1"))
+    body = response.get_json()
+    assert response.status_code == 200
+    assert body["decision"]["candidates"] == [{"model": f"{model['name']}:1", "model_id": str(model["id"]),
+                                               "score": 1.0, "breakdown": {}, "data": {"pinned": True}}]
+    unknown = client.post("/dispatch", json=dispatch_body(model="nope:1"))
+    assert unknown.status_code == 404
+
+
+@pytest.mark.parametrize("body, errors", [
+    ({"task_type": "question-answering"}, {"prompt": ["Give exactly one of prompt or messages."]}),
+    (dispatch_body(complexity="extreme"),
+     {"complexity": ["Must be an integer from 1 to 10, or one of: low, medium, high."]}),
+    (dispatch_body(json_schema={"type": "object"}), {"json_schema": ["json_schema needs output_format json."]}),
+    (dispatch_body(callback_url="file:///etc/passwd"), {"callback_url": ["Not a valid URL."]}),
+    (dispatch_body(colour="red"), {"colour": ["Unknown field."]}),
+    ({"messages": [{"role": "assistant", "content": "hi"}]},
+     {"messages": ["The last message must be a user message."]}),
+])
+def test_bad_requests_are_422_and_record_nothing(client, conn, body, errors):
+    before = conn.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"]
+    response = client.post("/dispatch", json=body)
+    assert response.status_code == 422
+    assert response.get_json()["errors"] == {"json": errors}
+    assert conn.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == before
+
+
+def test_async_dispatch_is_queued_run_by_a_worker_and_readable(client, conn, db, settings, fake_server):
+    served_by(conn, fake_server)
+    accepted = client.post("/dispatch", json=dispatch_body(**{"async": True}))
+    assert accepted.status_code == 202
+    request_id = accepted.get_json()["request_id"]
+    assert accepted.get_json() == {"request_id": request_id, "status": "pending",
+                                   "status_url": f"/requests/{request_id}"}
+    assert accepted.headers["Location"] == f"/requests/{request_id}"
+    assert client.get(f"/requests/{request_id}").get_json()["status"] == "pending"
+
+    pool = WorkerPool(db, client.application.extensions["settings"], workers=1)
+    assert pool.run_once() is True
+    assert pool.run_once() is False
+
+    status = client.get(f"/requests/{request_id}").get_json()
+    assert (status["status"], status["mode"], status["attempts"]) == ("completed", "async", 1)
+    assert status["result"]["response"] == "Hello from the fake model."
+
+
+def test_prefer_respond_async_queues_too(client, conn):
+    response = client.post("/dispatch", json=dispatch_body(), headers={"Prefer": "respond-async"})
+    assert response.status_code == 202
+
+
+def test_only_a_pending_request_can_be_cancelled(client, conn, fake_server):
+    queued = client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
+    cancelled = client.delete(f"/requests/{queued}")
+    assert (cancelled.status_code, cancelled.get_json()["status"]) == (200, "cancelled")
+    again = client.delete(f"/requests/{queued}")
+    assert again.status_code == 409
+    assert again.get_json()["detail"] == f"Request {queued} is cancelled; only a pending request can be cancelled."
+    assert client.delete("/requests/00000000-0000-4000-8000-000000000000").status_code == 404
+
+
+def test_feedback_is_stored_against_the_model_that_answered(client, conn, fake_server):
+    model = served_by(conn, fake_server)
+    request_id = client.post("/dispatch", json=dispatch_body()).get_json()["request_id"]
+    response = client.post(f"/requests/{request_id}/feedback", json={"score": 0.25, "label": "wrong"})
+    assert response.status_code == 201
+    assert response.get_json() == {"id": ANY, "request_id": request_id, "model_id": str(model["id"]),
+                                   "score": 0.25, "label": "wrong", "comment": None, "created_at": ANY}
+    assert client.post("/requests/00000000-0000-4000-8000-000000000000/feedback",
+                       json={"score": 1}).status_code == 404
+    assert client.post(f"/requests/{request_id}/feedback", json={"score": 1.5}).status_code == 422
+
+
+def test_an_expired_lease_is_reclaimed_and_a_spent_request_fails(conn):
+    row = request_queue.enqueue(conn, request_id="5f0c7b7e-0000-4000-8000-000000000001",
+                                payload=dispatch_body(), task_type="question-answering", priority=100,
+                                mode="async", callback_url=None)
+    for attempt in range(1, 4):
+        claimed = request_queue.claim_next(conn, owner="dead-worker", lease_seconds=0.001)
+        assert (claimed["id"], claimed["attempts"]) == (row["id"], attempt)
+        conn.execute("SELECT pg_sleep(0.01)")
+        conn.execute("UPDATE request_queue SET lease_expires_at = clock_timestamp() - interval '1 second'"
+                     " WHERE id = %s", (row["id"],))
+        reclaimed = request_queue.reclaim_expired(conn, max_attempts=3)
+        assert [(r["id"], r["status"]) for r in reclaimed] == [
+            (row["id"], "pending" if attempt < 3 else "failed")]
+    final = request_queue.get(conn, row["id"])
+    assert final["error_details"]["error"] == "worker_lost"
+    # The dead worker cannot finish it afterwards.
+    assert request_queue.complete(conn, row["id"], owner="dead-worker", result={"x": 1}) is False
+
+
+def test_claims_go_by_priority_then_age(conn):
+    ids = []
+    for priority in (100, 500, 100):
+        ids.append(request_queue.enqueue(
+            conn, request_id=f"5f0c7b7e-0000-4000-8000-00000000010{len(ids)}", payload=dispatch_body(),
+            task_type="question-answering", priority=priority, mode="async", callback_url=None)["id"])
+    order = [request_queue.claim_next(conn, owner="w", lease_seconds=30)["id"] for _ in range(3)]
+    assert order == [ids[1], ids[0], ids[2]]
+    assert request_queue.claim_next(conn, owner="w", lease_seconds=30) is None
