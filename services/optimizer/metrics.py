@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import psycopg
 
+from services.common.vocabulary import TASK_TYPES
 from services.optimizer import queries
 
-TASK_TYPES = ("text-generation", "code-generation", "question-answering", "conversation",
-              "summarization", "classification")
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,11 @@ from datetime import datetime, timezone
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from services.optimizer.metrics import METRICS, OPERATORS, TASK_TYPES
+from services.common.vocabulary import OUTPUT_FORMATS, TASK_TYPES
+from services.optimizer.metrics import METRICS, OPERATORS
 
 INT_MAX = 2_147_483_647
 MAX_WINDOW_SECONDS = 2_592_000  # 30 days, the CHECK on optimization_rules.window_seconds
-OUTPUT_FORMATS = ("json", "markdown", "code", "text")
 ACTION_TYPES = ("scale_up", "scale_down", "switch_model", "adjust_resources")
 SCOPES = ("all", "task_type", "model")
 MAX_BATCH = 1000

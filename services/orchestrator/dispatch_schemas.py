@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from services.common.vocabulary import OUTPUT_FORMATS, TASK_TYPES
 from services.orchestrator.schemas import MessageSchema
 from services.registry.selection import COMPLEXITY_LEVELS
 
-TASK_TYPES = ("text-generation", "code-generation", "question-answering", "conversation",
-              "summarization", "classification")
-OUTPUT_FORMATS = ("json", "markdown", "code", "text")
 MODEL_REF = r"^[a-z0-9][a-z0-9._-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?$"
 TAG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 STATUSES = ("pending", "processing", "completed", "failed", "cancelled")

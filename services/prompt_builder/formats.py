@@ -12,9 +12,9 @@ from jsonschema_specifications import REGISTRY as META_SCHEMAS
 from referencing.exceptions import Unresolvable
 
 from services.common.errors import Unprocessable
+from services.common.vocabulary import OUTPUT_FORMATS, PROTOCOLS
 
-FORMATS = ("json", "markdown", "code", "text")
-PROTOCOLS = ("openai", "ollama")
+FORMATS = OUTPUT_FORMATS
 # The name OpenAI's response_format requires for a schema; it only labels the schema.
 RESPONSE_SCHEMA_NAME = "response"
 MAX_SCHEMA_ERRORS = 20

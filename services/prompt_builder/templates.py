@@ -11,10 +11,9 @@ import psycopg
 
 from services.common.config import Settings
 from services.common.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from services.common.vocabulary import TASK_TYPES
 from services.prompt_builder import formats, queries
 
-TASK_TYPES = ("text-generation", "code-generation", "question-answering", "conversation",
-              "summarization", "classification")
 # 'default' as a task type (with family 'default') is the global fallback template.
 DEFAULT = "default"
 TEMPLATE_TASK_TYPES = (DEFAULT, *TASK_TYPES)

@@ -7,12 +7,10 @@ import uuid
 from marshmallow import (RAISE, Schema, ValidationError, fields, missing, post_load, validate,
                          validates_schema)
 
+from services.common.vocabulary import PROTOCOLS, RUNTIME_DRIVERS, TASK_TYPES
 from services.registry.selection import COMPLEXITY_LEVELS, OBJECTIVES, SelectionRequest
 
-TASK_TYPES = ("text-generation", "code-generation", "question-answering",
-              "conversation", "summarization", "classification")
-DRIVERS = ("process", "docker", "external")
-PROTOCOLS = ("ollama", "openai")
+DRIVERS = RUNTIME_DRIVERS
 # What a runtime accepts safely as a model name, a version or a tag (no spaces, slashes, colons).
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 MODEL_REF = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}:[a-z0-9][a-z0-9._-]{0,62}$")

@@ -173,7 +173,7 @@ def test_build(client):
         "prompt": ["Shorter than minimum length 1."],
         "task_type": ["Must be one of: " + TASKS + "."],
         "output_format": ["Must be one of: json, markdown, code, text."],
-        "protocol": ["Must be one of: openai, ollama."]}),
+        "protocol": ["Must be one of: ollama, openai."]}),
     ({"prompt": "x", "task_type": "conversation", "model": "a b", "variables": {"secret": "x", "context": 1}}, {
         "model": ["String does not match expected pattern."],
         "variables": {"secret": ["Unknown field."], "context": ["Not a valid string."]}}),

@@ -149,7 +149,7 @@ def test_extra_variables_fill_the_template_and_missing_ones_are_named(conn):
 
 @pytest.mark.parametrize("request_fields, detail, extensions", [
     ({"task_type": "translation"}, "Unknown task_type 'translation'.", {"allowed": list(templates.TASK_TYPES)}),
-    ({"protocol": "grpc"}, "Unknown protocol 'grpc'.", {"allowed": ["openai", "ollama"]}),
+    ({"protocol": "grpc"}, "Unknown protocol 'grpc'.", {"allowed": ["ollama", "openai"]}),
     ({"output_format": "yaml"}, "Unknown output_format 'yaml'.",
      {"allowed": ["json", "markdown", "code", "text"]}),
     ({"output_format": "json", "json_schema": {"type": 1}},
