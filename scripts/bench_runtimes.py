@@ -2,8 +2,9 @@
 
 Cold: time from `ensure_runtime` to a ready runtime, minus the server's own time to ready. Per run, the
 server's own time is from its launch to the moment it printed that it serves (its log line carries the
-time); as a cross-check, the same launcher is also started directly (ready at that same line). Warm: latency of `ensure_runtime` on a
-running model, and of a lease (acquire + release, what dispatch wraps each generation in).
+time); as a cross-check, the same launcher is also started directly (ready at that same line).
+Warm: latency of `ensure_runtime` on a running model, and of a lease (acquire + release, what
+dispatch wraps each generation in).
 Goals: cold overhead <= 50 ms, warm ensure p99 <= 5 ms.
 
 Usage: python scripts/bench_runtimes.py [--cold-runs 3] [--warm-calls 1000]

@@ -477,7 +477,8 @@ def _reconcile_driver(db: Database, driver: RuntimeDriver) -> list[dict]:
             actions.append({"model_id": row["model_id"] if row else None, "runtime_id": found.runtime_id or None,
                             "action": "stopped_orphan", "detail": f"{driver.name} {found.identity} had no live row"})
     for runtime_id, row in rows.items():
-        if runtime_id in claimed or (row["status"] == "starting" and _age_s(row["updated_at"]) < _start_timeout_for(row)):
+        young_start = row["status"] == "starting" and _age_s(row["updated_at"]) < _start_timeout_for(row)
+        if runtime_id in claimed or young_start:
             continue
         with db.connection() as conn:
             if row["status"] in ("draining", "stopping"):
