@@ -264,6 +264,10 @@ class _Server(ThreadingHTTPServer):
         self.state = state
         self.connections: set[socket.socket] = set()
 
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a client gone is normal
+            super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """End kept-alive connections too, as a server that stops does."""
         for connection in list(self.connections):

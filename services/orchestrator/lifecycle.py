@@ -9,11 +9,13 @@ both win (e.g. the reaper only stops a runtime whose `active_requests` is 0 in t
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 from services.common.config import Settings
 from services.common.db import Database
@@ -26,7 +28,8 @@ from services.orchestrator.runtimes import (Allocation, DriverError, RuntimeDriv
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = {"process": 60.0, "docker": 900.0, "external": 10.0}
-PROBE_INTERVAL_S = (0.005, 0.025)  # readiness probes back off from the first to the second
+PROBE_INTERVAL_S = (0.002, 0.01)  # readiness probes back off from the first to the second
+PROBE_CONNECT_TIMEOUT_S = 0.5
 ALIVE_CHECK_INTERVAL_S = 0.2
 WAIT_INTERVAL_S = 0.02
 DRAIN_TIMEOUT_S = 30.0
@@ -217,7 +220,7 @@ def _launch(db: Database, driver: RuntimeDriver, model: dict, runtime: dict, all
 def _wait_ready(driver: RuntimeDriver, model: dict, runtime: dict, deadline: float) -> None:
     """Probe with a short, growing interval until the server answers, it dies, or the deadline passes."""
     interval, next_alive_check = PROBE_INTERVAL_S[0], 0.0
-    while not server_ready(model["protocol"], runtime["endpoint"]):
+    while not (_listening(runtime["endpoint"]) and server_ready(model["protocol"], runtime["endpoint"])):
         now = time.monotonic()
         if now >= next_alive_check:
             if not driver.is_running(runtime):
@@ -227,6 +230,17 @@ def _wait_ready(driver: RuntimeDriver, model: dict, runtime: dict, deadline: flo
             raise RuntimeStartError(f"the model server was not ready within {_start_timeout(model):g} s")
         time.sleep(interval)
         interval = min(interval * 1.5, PROBE_INTERVAL_S[1])
+
+
+def _listening(endpoint: str) -> bool:
+    """Whether anything accepts connections at the endpoint: a TCP connect, far cheaper than an HTTP
+    probe, so frequent probes do not steal CPU from a server that is loading its model."""
+    parts = urlsplit(endpoint)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 80), timeout=PROBE_CONNECT_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 def _prepare(db: Database, model: dict, runtime: dict) -> None:
@@ -463,7 +477,8 @@ def _reconcile_driver(db: Database, driver: RuntimeDriver) -> list[dict]:
             actions.append({"model_id": row["model_id"] if row else None, "runtime_id": found.runtime_id or None,
                             "action": "stopped_orphan", "detail": f"{driver.name} {found.identity} had no live row"})
     for runtime_id, row in rows.items():
-        if runtime_id in claimed or (row["status"] == "starting" and _age_s(row["updated_at"]) < _start_timeout_for(row)):
+        young_start = row["status"] == "starting" and _age_s(row["updated_at"]) < _start_timeout_for(row)
+        if runtime_id in claimed or young_start:
             continue
         with db.connection() as conn:
             if row["status"] in ("draining", "stopping"):

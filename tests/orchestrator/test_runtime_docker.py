@@ -171,7 +171,8 @@ def test_log_tail(docker_api, driver):
 def test_ensure_starts_a_container_probes_it_and_pulls_the_model(docker_api, db, conn, settings, fake_server):
     """The whole cold start on docker: create, start, readiness probe, Ollama pull with progress, stop."""
     model = insert_model(conn, runtime_driver="docker", protocol="ollama", base_memory_requirement=8192,
-                         base_cpu_requirement=2, runtime_config={"image": "ollama/ollama", "model_name": "orca-mini:3b"})
+                         base_cpu_requirement=2,
+                         runtime_config={"image": "ollama/ollama", "model_name": "orca-mini:3b"})
     settings = type(settings)(**{**settings.__dict__, "host_memory_mb": 16384})
     docker_api.add_passthru(fake_server.url)
     docker_api.post(f"{API}/containers/create", status=201, json={"Id": "c1", "Warnings": []})

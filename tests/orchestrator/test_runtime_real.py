@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator_helpers import insert_model
 from services.orchestrator import create_app, lifecycle, queries
 from services.orchestrator.protocols import Options, client_for
 from services.orchestrator.runtimes import driver_for
@@ -117,3 +118,17 @@ def test_reconcile_after_an_orchestrator_restart(fresh_settings):
         replacement = third.post("/runtimes/ensure", json={"model_id": runtime["model_id"]}).get_json()
         assert replacement["id"] != runtime["id"] and replacement["status"] == "running"
         assert third.delete(f"/runtimes/{replacement['id']}").get_json()["status"] == "stopped"
+
+
+def test_the_memory_limit_is_applied(db, conn, smollm2, settings):
+    """RLIMIT_DATA at the allocation: 150 MB cannot hold SmolLM2's buffers, so the start fails, with the reason."""
+    starved = insert_model(conn, runtime_driver="process", protocol="openai", base_memory_requirement=150,
+                           runtime_config=smollm2["runtime_config"])
+
+    with pytest.raises(lifecycle.RuntimeUnavailable,
+                       match="failed to start: the model server exited before it was ready"):
+        lifecycle.ensure_runtime(db, starved["id"], settings)
+
+    failed = queries.list_runtimes(conn, model_id=starved["id"])[0]
+    assert failed["status"] == "error"
+    assert "GGML_ASSERT" in failed["error_message"] or "insufficient memory" in failed["error_message"]

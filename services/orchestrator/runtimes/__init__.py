@@ -4,8 +4,6 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-from psycopg import conninfo
-
 from services.common.config import Settings
 from services.orchestrator.runtimes.base import (Allocation, DriverError, Launched, Managed,
                                                   RuntimeDriver, RuntimeStartError)
@@ -18,6 +16,8 @@ __all__ = ["Allocation", "DriverError", "Launched", "Managed", "RuntimeDriver", 
 
 def runtime_scope(settings: Settings) -> str:
     """Which deployment a process or container belongs to: one per database, never its password."""
+    from psycopg import conninfo  # not at the top: model servers import this package, and psycopg is slow
+
     info = conninfo.conninfo_to_dict(settings.database_url)
     where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
     return hashlib.sha256(where.encode()).hexdigest()[:12]

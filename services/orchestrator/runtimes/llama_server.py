@@ -11,6 +11,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,14 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     params.n_parallel = args.parallel
     params.hostnames = [args.host]
     params.port = args.port
-    server = xlc.Server(params)  # serves in its own threads until the process ends
+    server = xlc.Server(params)  # noqa: F841 - serves in its own threads until the process ends
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print(f"llama_server: serving {args.alias} on {args.host}:{args.port}", flush=True)
+    print(f"llama_server: serving {args.alias} on {args.host}:{args.port} (ready at {time.time():.6f})", flush=True)
     stop.wait()
-    del server
-    return 0
+    # The lifecycle drains requests before it stops a runtime. llama.cpp's own shutdown would wait
+    # for kept-alive client connections to close (up to its read timeout), so end at once instead.
+    os._exit(0)
 
 
 if __name__ == "__main__":
