@@ -21,6 +21,7 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import Conflict, NotFound, Problem, ServiceUnavailable, Unprocessable
 from services.orchestrator import queries
+from services.registry.resources import right_size
 from services.orchestrator.protocols import OllamaClient, server_ready, served_model_name
 from services.orchestrator.runtimes import (Allocation, DriverError, RuntimeDriver, RuntimeStartError,
                                             driver_for)
@@ -44,14 +45,20 @@ class RuntimeUnavailable(ServiceUnavailable):
 
 
 def allocation_for(model: dict, expected_load: float, settings: Settings) -> Allocation:
-    """Resources for one runtime of `model`: its base requirements (same shape as registry's right_size)."""
-    cpu = float(model["base_cpu_requirement"])
+    """Resources for one runtime of `model`, right-sized by the registry for its request slots.
+
+    A runtime serves `runtime_config.parallel` requests at once, so that is the load it is sized
+    for (at least `expected_load`).
+    """
+    slots = max(1, int(model["runtime_config"].get("parallel", 1)))
+    sized = right_size(model, max(expected_load, slots), settings)
     return {
-        "cpu": cpu,
-        "memory_mb": int(model["base_memory_requirement"]),
-        "gpu": float(model["base_gpu_requirement"]),
-        "threads": max(1, min(int(cpu), int(settings.host_cpu_cores))),
-        "parallel_slots": max(1, int(model["runtime_config"].get("parallel", 1))),
+        "cpu": sized["cpu"],
+        "memory_mb": sized["memory_mb"],
+        "gpu": sized["gpu"],
+        "threads": max(1, min(int(model["runtime_config"].get("threads", sized["threads"])),
+                              int(settings.host_cpu_cores))),
+        "parallel_slots": slots,
     }
 
 
@@ -151,11 +158,10 @@ def _claim(db: Database, model: dict, allocation: Allocation, settings: Settings
 
 
 def _make_room(conn, model: dict, allocation: Allocation, settings: Settings) -> list[dict]:
-    """Fit the allocation on the host, evicting idle runtimes of other models, least recently used first."""
-    if allocation["memory_mb"] > settings.host_memory_mb or allocation["cpu"] > settings.host_cpu_cores:
-        raise Unprocessable(
-            f"model {_label(model)} needs {allocation['cpu']:g} CPU and {allocation['memory_mb']} MB; this host "
-            f"has {settings.host_cpu_cores:g} CPU and {settings.host_memory_mb} MB", model_id=str(model["id"]))
+    """Fit the allocation on the host, evicting idle runtimes of other models, least recently used first.
+
+    The allocation itself never exceeds the host: `right_size` refuses a model that cannot fit.
+    """
     queries.lock_host_capacity(conn)
     usage = queries.host_usage(conn)
     over = {"cpu": usage["cpu"] + allocation["cpu"] - settings.host_cpu_cores,

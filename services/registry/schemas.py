@@ -56,6 +56,12 @@ class _RuntimeOptions(Schema):
     context_length = fields.Integer(strict=True, validate=validate.Range(128, 1_048_576))
     parallel = fields.Integer(strict=True, validate=validate.Range(1, 64))
     threads = fields.Integer(strict=True, validate=validate.Range(1, 256))
+    # Orchestrator knobs: start deadline, restart limit, queue length per replica before scaling
+    # up, and the generation timeout.
+    start_timeout_s = fields.Float(validate=validate.Range(1, 3600))
+    max_restarts = fields.Integer(strict=True, validate=validate.Range(0, 100))
+    scale_up_pending = fields.Integer(strict=True, validate=validate.Range(1, 10_000))
+    request_timeout_s = fields.Float(validate=validate.Range(1, 3600))
 
 
 class ProcessConfigSchema(_RuntimeOptions):
@@ -65,6 +71,7 @@ class ProcessConfigSchema(_RuntimeOptions):
     model_package = fields.String(validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"))
     model_file = fields.String(validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"))
     assemble = fields.Boolean()
+    server = fields.String(validate=_name, metadata={"description": "Which server command runs the model"})
 
     @validates_schema
     def _has_model(self, data: dict, **kwargs) -> None:
@@ -79,6 +86,13 @@ class DockerConfigSchema(_RuntimeOptions):
         r"^[a-z0-9][a-z0-9._/-]{0,199}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$"))
     model_name = fields.String(required=True, validate=validate.Regexp(
         r"^[a-z0-9][a-z0-9._/-]{0,126}(:[a-z0-9][a-z0-9._-]{0,62})?$"))
+    pull = fields.Boolean(metadata={"description": "Pull the model through the server's API at start"})
+    network_mode = fields.String(validate=validate.OneOf(("host", "bridge", "none")))
+    container_port = fields.Integer(strict=True, validate=validate.Range(1, 65535))
+    command = fields.List(fields.String(validate=validate.Length(1, 1000)), validate=validate.Length(max=64))
+    environment = fields.Dict(keys=fields.String(validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")),
+                              values=fields.String(validate=validate.Length(max=4000)),
+                              validate=validate.Length(max=64))
 
 
 class ExternalConfigSchema(_RuntimeOptions):

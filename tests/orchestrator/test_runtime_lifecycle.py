@@ -26,10 +26,13 @@ def age(conn, runtime_id, seconds: int) -> None:
                  (seconds, runtime_id))
 
 
-def test_allocation_is_the_models_base_in_right_size_shape(model, settings):
+def test_allocation_is_right_sized_for_the_runtimes_request_slots(model, settings):
+    assert lifecycle.allocation_for({**model, "runtime_config": {}}, 1.0, settings) == {
+        "cpu": 1.0, "memory_mb": 256, "gpu": 0.0, "threads": 1, "parallel_slots": 1}
+    # Two slots: the registry's load factor for a load of 2 is 1.5.
     assert lifecycle.allocation_for({**model, "base_cpu_requirement": 2.5, "runtime_config": {"parallel": 2}},
                                     1.0, settings) == {
-        "cpu": 2.5, "memory_mb": 256, "gpu": 0.0, "threads": 2, "parallel_slots": 2}
+        "cpu": 3.8, "memory_mb": 384, "gpu": 0.0, "threads": 3, "parallel_slots": 2}
 
 
 def test_ensure_starts_a_runtime_once_then_reuses_it(db, conn, model, settings, fake_server):
@@ -79,7 +82,7 @@ def test_a_model_bigger_than_the_host_is_unprocessable(db, conn, settings):
     model = insert_model(conn, runtime_driver="process", base_memory_requirement=100_000,
                          runtime_config={"server": "fake"})
 
-    with pytest.raises(Unprocessable, match="needs 1 CPU and 100000 MB; this host has 4 CPU and 4096 MB"):
+    with pytest.raises(Unprocessable, match=r"does not fit on this host even at its base requirements \(memory_mb\)"):
         lifecycle.ensure_runtime(db, model["id"], settings)
     assert queries.list_runtimes(conn, model_id=model["id"]) == []
 

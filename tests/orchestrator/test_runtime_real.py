@@ -41,7 +41,8 @@ def test_ensure_generate_then_reap_when_idle(db, conn, smollm2, settings):
     runtime = lifecycle.ensure_runtime(db, smollm2["id"], settings)
 
     assert (runtime["status"], runtime["health_status"]) == ("running", "healthy")
-    assert runtime["driver_state"]["allocation"] == {"cpu": 1.0, "memory_mb": 512, "gpu": 0.0, "threads": 1,
+    # Two request slots: right-sized at 1.5 times the base (512 MB, 1 CPU).
+    assert runtime["driver_state"]["allocation"] == {"cpu": 1.5, "memory_mb": 768, "gpu": 0.0, "threads": 1,
                                                      "parallel_slots": 2}
     assert_real_answer(generate(smollm2, runtime))
     assert "llama_server: serving smollm2 on 127.0.0.1" in Path(runtime["log_path"]).read_text()
@@ -121,9 +122,9 @@ def test_reconcile_after_an_orchestrator_restart(fresh_settings):
 
 
 def test_the_memory_limit_is_applied(db, conn, smollm2, settings):
-    """RLIMIT_DATA at the allocation: 150 MB cannot hold SmolLM2's buffers, so the start fails, with the reason."""
-    starved = insert_model(conn, runtime_driver="process", protocol="openai", base_memory_requirement=150,
-                           runtime_config=smollm2["runtime_config"])
+    """RLIMIT_DATA at the allocation: 128 MB cannot hold SmolLM2's buffers, so the start fails, with the reason."""
+    starved = insert_model(conn, runtime_driver="process", protocol="openai", base_memory_requirement=128,
+                           runtime_config={**smollm2["runtime_config"], "parallel": 1})
 
     with pytest.raises(lifecycle.RuntimeUnavailable,
                        match="failed to start: the model server exited before it was ready"):
