@@ -83,6 +83,8 @@ class Settings:
     queue_lease_s: float = 30.0
     queue_lease_renew_s: float = 10.0
     queue_reclaim_interval_s: float = 5.0
+    # Idle workers wake on NOTIFY; this poll only covers a notification that never came.
+    queue_poll_s: float = 1.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -116,6 +118,7 @@ class Settings:
             queue_lease_s=_env_float("QUEUE_LEASE_S", cls.queue_lease_s),
             queue_lease_renew_s=_env_float("QUEUE_LEASE_RENEW_S", cls.queue_lease_renew_s),
             queue_reclaim_interval_s=_env_float("QUEUE_RECLAIM_INTERVAL_S", cls.queue_reclaim_interval_s),
+            queue_poll_s=_env_float("QUEUE_POLL_S", cls.queue_poll_s),
         )
 
     def as_flask_config(self) -> dict:

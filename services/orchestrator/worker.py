@@ -24,7 +24,7 @@ from services.orchestrator.pipeline import run_queued_request
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 1.0
+LISTEN_TIMEOUT_S = 1.0   # how often the listener looks whether the pool is stopping
 MAX_ATTEMPTS = 3
 
 
@@ -74,7 +74,7 @@ class WorkerPool:
                     continue
             except psycopg.Error:
                 logger.exception("queue unavailable; retrying")
-            self.wakeups.acquire(timeout=IDLE_WAIT_S)
+            self.wakeups.acquire(timeout=self.settings.queue_poll_s)
 
     def _listen(self) -> None:
         """Turn NOTIFYs into wake-ups, so a new request starts at once rather than at the next poll."""
@@ -83,7 +83,7 @@ class WorkerPool:
                 with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
                     conn.execute(f"LISTEN {request_queue.CHANNEL}")
                     while not self.stopping.is_set():
-                        for _ in conn.notifies(timeout=IDLE_WAIT_S):
+                        for _ in conn.notifies(timeout=LISTEN_TIMEOUT_S):
                             self.wakeups.release()
             except psycopg.Error:
                 logger.warning("listener lost its connection; reconnecting")

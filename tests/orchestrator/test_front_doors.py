@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from unittest.mock import ANY
@@ -20,7 +19,7 @@ import requests
 from werkzeug.serving import make_server
 
 from fake_model_server import FakeModelServer
-from orchestrator_helpers import insert_model
+from orchestrator_helpers import insert_model, wait_until
 from services.common.db import connect
 from services.orchestrator import create_app
 
@@ -413,10 +412,3 @@ def test_ollama_stream_broken_off_by_the_model_raises_in_the_client(dispatcher, 
     assert parts == ["Hello"]
     assert caught.value.error == "the model server broke off its stream: Response ended prematurely"
 
-
-def wait_until(condition, timeout_s: float = 10.0) -> None:
-    """Poll until `condition()` holds (a deadline, not a timed assert: failing means it never happened)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.02)
