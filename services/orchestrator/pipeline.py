@@ -241,8 +241,9 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
 def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) -> Iterator[dict]:
     """A streamed answer (no output validation): a start event, text events, then an end event.
 
-    Models are tried in rank order until one starts answering; after the first token there is no
-    retry: a failure ends the stream with an error event. Problems before the start event are
+    Models are tried in rank order (wrapping around, up to max_retries + 1 attempts) until one
+    starts answering; after the first token there is no retry: a failure ends the stream with an
+    error event. Problems before the start event are
     raised from the first `next()`. Closing the stream early (the client went away) releases the
     runtime and ends the request as failed.
     """
@@ -255,8 +256,9 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
         raise
     attempts: list[Attempt] = []
     with lease_kept_alive(db, settings, request_id, owner):
-        for candidate in selection.candidates[:request.max_retries + 1]:
-            attempt = Attempt(number=len(attempts) + 1, model=_label(candidate.model),
+        for number in range(request.max_retries + 1):
+            candidate = selection.candidates[number % len(selection.candidates)]   # wraps, as dispatch does
+            attempt = Attempt(number=number + 1, model=_label(candidate.model),
                               model_id=str(candidate.model["id"]))
             attempts.append(attempt)
             outcome, started, text = Outcome(attempt=attempt), time.perf_counter(), []
@@ -264,9 +266,9 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
                 yield from _stream_attempt(db, settings, request_id, request, candidate, outcome, text,
                                            on_attempt=assignment_noter(db, request_id, owner))
             except Problem as error:
-                _end_attempt(db, request_id, request, outcome, started, "timeout" if isinstance(
-                    error, ModelServerTimeout) else ("server_error" if attempt.runtime_id else "start_failed"),
-                    error.detail)
+                failed = "timeout" if isinstance(error, ModelServerTimeout) else (
+                    "server_error" if attempt.runtime_id else "start_failed")
+                _end_attempt(db, request_id, request, outcome, started, failed, error.detail)
                 if text:   # no retry after the first token: end the stream with the error
                     _record_failure(db, row, owner, _error_details(DispatchFailed(request_id, attempts)))
                     yield {"error": {"status": error.status, "detail": error.detail}}

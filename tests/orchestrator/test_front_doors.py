@@ -288,6 +288,20 @@ def test_openai_stream_broken_off_by_the_model_raises_in_the_client(gpt, databas
     assert runtime_load(database, model) == [0]
 
 
+def test_a_stream_that_fails_before_its_first_token_is_retried_unseen(gpt, database):
+    with FakeModelServer(reply=REPLY, fault="garbage", fault_count=1) as flaky:
+        model = serve(database, flaky, name="fake-flaky")
+        request_id = new_id()
+        stream = gpt.chat.completions.create(model="auto", messages=USER, stream=True,
+                                             extra_headers={"X-Request-ID": request_id})
+        contents = [chunk.choices[0].delta.content or "" for chunk in stream]
+    assert "".join(contents) == REPLY
+    assert [(r["attempt"], r["success"], r["error_class"]) for r in performance_rows(database, request_id)] == [
+        (1, False, "server_error"), (2, True, None)]
+    row = queue_row(database, request_id)
+    assert (row["status"], row["assigned_model_id"]) == ("completed", model["id"])
+
+
 def test_a_client_that_disconnects_mid_stream_releases_the_runtime(dispatcher, database):
     words = " ".join(f"w{n}" for n in range(200))
     with FakeModelServer(reply=words, fault="slow", delay_ms=20) as slow:
