@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from flask import Response, request, stream_with_context
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 from services.common.app import current_settings
 from services.common.db import get_db
@@ -26,7 +26,8 @@ from services.common.errors import PROBLEM_CONTENT_TYPE, Unprocessable
 from services.orchestrator import queries
 from services.orchestrator.dispatch_api import dispatch_request_id, enqueue_sync
 from services.orchestrator.dispatch_schemas import MODEL_REF, TASK_TYPES, Complexity, MessageSchema
-from services.orchestrator.pipeline import DispatchRequest, run_queued_request, stream_dispatch
+from services.orchestrator.pipeline import run_queued_request, stream_dispatch
+from services.orchestrator.schemas import MAX_TEXT_CHARS
 
 blp = Blueprint("front_doors", __name__, description="OpenAI- and Ollama-compatible front doors")
 
@@ -45,6 +46,30 @@ class ChatMessageSchema(MessageSchema, LenientSchema):
     pass
 
 
+class OpenAIContent(fields.Field):
+    """A message's content: text, or a list of text parts (joined); images and audio are not supported."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> str:
+        if isinstance(value, list) and 0 < len(value) <= 100 and all(
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                for part in value):
+            value = "".join(part["text"] for part in value)
+        if not isinstance(value, str):
+            raise ValidationError("Must be text, or a list of text parts.")
+        if len(value) > MAX_TEXT_CHARS:
+            raise ValidationError(f"Longer than maximum length {MAX_TEXT_CHARS}.")
+        return value
+
+
+class OpenAIMessageSchema(LenientSchema):
+    role = fields.String(required=True, validate=validate.OneOf(("system", "developer", "user", "assistant")))
+    content = OpenAIContent(required=True)
+
+    @post_load
+    def _developer_is_system(self, data: dict, **kwargs) -> dict:
+        return {**data, "role": "system" if data["role"] == "developer" else data["role"]}
+
+
 class ResponseFormatSchema(LenientSchema):
     type = fields.String(required=True, validate=validate.OneOf(("text", "json_object", "json_schema")))
     json_schema = fields.Dict()
@@ -52,7 +77,7 @@ class ResponseFormatSchema(LenientSchema):
 
 class ChatCompletionSchema(LenientSchema):
     model = fields.String(required=True, validate=validate.Length(1, 130))
-    messages = fields.List(fields.Nested(ChatMessageSchema), required=True, validate=validate.Length(1, 200))
+    messages = fields.List(fields.Nested(OpenAIMessageSchema), required=True, validate=validate.Length(1, 200))
     stream = fields.Boolean(load_default=False)
     max_tokens = fields.Integer(validate=validate.Range(1, 8192))
     max_completion_tokens = fields.Integer(validate=validate.Range(1, 8192))

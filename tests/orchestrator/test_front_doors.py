@@ -157,6 +157,21 @@ def test_openai_chat_with_a_pinned_model_and_dispatch_headers(gpt, database, mod
                                                              output_tokens=2)]
 
 
+def test_openai_text_parts_and_the_developer_role_are_understood(gpt, model, fake):
+    gpt.chat.completions.create(model="auto", messages=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hello."}]}])
+    sent = generation_requests(fake)[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    assert "Say hello." in sent[-1]["content"]
+
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        gpt.chat.completions.create(model="auto", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]}])
+    assert caught.value.response.json()["errors"] == {
+        "json": {"messages": {"0": {"content": ["Must be text, or a list of text parts."]}}}}
+
+
 def test_openai_streaming_sends_the_answer_as_server_sent_events(gpt, database, model):
     request_id = new_id()
     stream = gpt.chat.completions.create(model="auto", messages=USER, stream=True,
