@@ -78,6 +78,13 @@ class Settings:
     models_dir: str = str(PROJECT_ROOT / ".run" / "models")
     default_keep_alive_s: int = 300
     performance_retention_days: int = 30
+    # A queued request's lease: renewed every queue_lease_renew_s while it runs, so only a dead
+    # worker's lease lapses (after queue_lease_s); expired leases are looked for every interval.
+    queue_lease_s: float = 30.0
+    queue_lease_renew_s: float = 10.0
+    queue_reclaim_interval_s: float = 5.0
+    # Idle workers wake on NOTIFY; this poll only covers a notification that never came.
+    queue_poll_s: float = 1.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -108,6 +115,10 @@ class Settings:
             default_keep_alive_s=_env_int("DEFAULT_KEEP_ALIVE_S", cls.default_keep_alive_s),
             performance_retention_days=_env_int("PERFORMANCE_RETENTION_DAYS",
                                                 cls.performance_retention_days),
+            queue_lease_s=_env_float("QUEUE_LEASE_S", cls.queue_lease_s),
+            queue_lease_renew_s=_env_float("QUEUE_LEASE_RENEW_S", cls.queue_lease_renew_s),
+            queue_reclaim_interval_s=_env_float("QUEUE_RECLAIM_INTERVAL_S", cls.queue_reclaim_interval_s),
+            queue_poll_s=_env_float("QUEUE_POLL_S", cls.queue_poll_s),
         )
 
     def as_flask_config(self) -> dict:

@@ -38,12 +38,8 @@ class Dispatch(MethodView):
             accepted = jsonify(AcceptedSchema().dump(
                 {"request_id": request_id, "status": "pending", "status_url": status_url}))
             return accepted, 202, {"Location": status_url}
-        owner = request_queue.lease_owner()
-        with db.connection() as conn:
-            row = request_queue.enqueue(conn, request_id=request_id, payload=body, task_type=body["task_type"],
-                                        priority=body["priority"], mode="sync", callback_url=body["callback_url"],
-                                        lease_owner=owner, lease_seconds=request_queue.LEASE_SECONDS)
-        return run_queued_request(db, current_settings(), row, owner=owner, raise_problem=True)
+        row = enqueue_sync(request_id, body)
+        return run_queued_request(db, current_settings(), row, owner=row["lease_owner"], raise_problem=True)
 
 
 @blp.route("/requests/<uuid:request_id>", endpoint="RequestStatus")
@@ -92,3 +88,12 @@ def dispatch_request_id() -> str:
         request_id = str(uuid.uuid4())
     g.request_id = request_id
     return request_id
+
+
+def enqueue_sync(request_id: str, payload: dict) -> dict:
+    """Record a request this thread runs now: already processing, leased to it."""
+    with get_db().connection() as conn:
+        return request_queue.enqueue(conn, request_id=request_id, payload=payload, task_type=payload["task_type"],
+                                     priority=payload["priority"], mode="sync", callback_url=payload["callback_url"],
+                                     lease_owner=request_queue.lease_owner(),
+                                     lease_seconds=current_settings().queue_lease_s)

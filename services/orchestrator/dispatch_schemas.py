@@ -95,6 +95,8 @@ class DispatchResultSchema(Schema):
     raw = fields.String(required=True)
     valid = fields.Boolean(required=True)
     output_format = fields.String(required=True)
+    finish_reason = fields.String(allow_none=True, metadata={
+        "description": "Why the model stopped: stop, or length when max_tokens cut the answer"})
     model = fields.Dict(required=True)
     runtime_id = fields.String(allow_none=True)
     template = fields.Dict(allow_none=True)

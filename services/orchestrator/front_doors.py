@@ -4,33 +4,37 @@
 model. Task type and requirements come from headers (`X-Dispatch-Task-Type`,
 `X-Dispatch-Complexity`, `X-Dispatch-Max-Retries`), with defaults. Unknown body fields are
 ignored here, unlike the rest of the API: clients send many options this server has no use for.
+Every call is recorded like POST /dispatch (request_queue, performance_logs), streams included.
+Errors stay problem+json, with the `error` member each protocol's clients read added.
 """
 from __future__ import annotations
 
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
-from flask import Response, stream_with_context
+from flask import Response, request, stream_with_context
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 from services.common.app import current_settings
 from services.common.db import get_db
-from services.common.errors import Unprocessable
-from services.orchestrator import queries, request_queue
-from services.orchestrator.dispatch_api import dispatch_request_id
+from services.common.errors import PROBLEM_CONTENT_TYPE, Unprocessable
+from services.orchestrator import queries
+from services.orchestrator.dispatch_api import dispatch_request_id, enqueue_sync
 from services.orchestrator.dispatch_schemas import MODEL_REF, TASK_TYPES, Complexity, MessageSchema
-from services.orchestrator.pipeline import DispatchRequest, run_queued_request, stream_dispatch
+from services.orchestrator.pipeline import run_queued_request, stream_dispatch
+from services.orchestrator.schemas import MAX_TEXT_CHARS
 
 blp = Blueprint("front_doors", __name__, description="OpenAI- and Ollama-compatible front doors")
 
 AUTO = "auto"
 OLLAMA_VERSION = "0.6.3"
 DEFAULT_TASK_TYPE = "conversation"
+NDJSON = "application/x-ndjson"
 
 
 class LenientSchema(Schema):
@@ -42,6 +46,30 @@ class ChatMessageSchema(MessageSchema, LenientSchema):
     pass
 
 
+class OpenAIContent(fields.Field):
+    """A message's content: text, or a list of text parts (joined); images and audio are not supported."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> str:
+        if isinstance(value, list) and 0 < len(value) <= 100 and all(
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                for part in value):
+            value = "".join(part["text"] for part in value)
+        if not isinstance(value, str):
+            raise ValidationError("Must be text, or a list of text parts.")
+        if len(value) > MAX_TEXT_CHARS:
+            raise ValidationError(f"Longer than maximum length {MAX_TEXT_CHARS}.")
+        return value
+
+
+class OpenAIMessageSchema(LenientSchema):
+    role = fields.String(required=True, validate=validate.OneOf(("system", "developer", "user", "assistant")))
+    content = OpenAIContent(required=True)
+
+    @post_load
+    def _developer_is_system(self, data: dict, **kwargs) -> dict:
+        return {**data, "role": "system" if data["role"] == "developer" else data["role"]}
+
+
 class ResponseFormatSchema(LenientSchema):
     type = fields.String(required=True, validate=validate.OneOf(("text", "json_object", "json_schema")))
     json_schema = fields.Dict()
@@ -49,7 +77,7 @@ class ResponseFormatSchema(LenientSchema):
 
 class ChatCompletionSchema(LenientSchema):
     model = fields.String(required=True, validate=validate.Length(1, 130))
-    messages = fields.List(fields.Nested(ChatMessageSchema), required=True, validate=validate.Length(1, 200))
+    messages = fields.List(fields.Nested(OpenAIMessageSchema), required=True, validate=validate.Length(1, 200))
     stream = fields.Boolean(load_default=False)
     max_tokens = fields.Integer(validate=validate.Range(1, 8192))
     max_completion_tokens = fields.Integer(validate=validate.Range(1, 8192))
@@ -100,10 +128,19 @@ class OllamaGenerateSchema(LenientSchema):
     options = fields.Nested(OllamaOptionsSchema, load_default=dict)
 
 
+class HeaderComplexity(Complexity):
+    """Complexity from a header, where a number arrives as text."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> int:
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class DispatchHeadersSchema(LenientSchema):
     task_type = fields.String(data_key="X-Dispatch-Task-Type", load_default=DEFAULT_TASK_TYPE,
                               validate=validate.OneOf(TASK_TYPES))
-    complexity = Complexity(data_key="X-Dispatch-Complexity", load_default=1)
+    complexity = HeaderComplexity(data_key="X-Dispatch-Complexity", load_default=1)
     max_retries = fields.Integer(data_key="X-Dispatch-Max-Retries", load_default=2, validate=validate.Range(0, 5))
 
 
@@ -123,7 +160,7 @@ class ChatCompletions(MethodView):
                                      max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
                                      temperature=body.get("temperature"), seed=body.get("seed"))
         if body["stream"]:
-            return _event_stream(dispatch, _openai_chunks)
+            return _streamed(dispatch, _sse_lines, "text/event-stream")
         result = _run(dispatch)
         return _openai_completion(result)
 
@@ -150,7 +187,7 @@ class OllamaChat(MethodView):
         """Ollama chat (NDJSON stream by default); model "auto" lets the dispatcher choose."""
         dispatch = _dispatch_request(headers, body, messages=body["messages"], **_ollama_options(body))
         if body["stream"]:
-            return _ndjson_stream(dispatch, body["model"], chat=True)
+            return _streamed(dispatch, _ndjson_lines(body["model"], chat=True), NDJSON)
         return _ollama_answer(_run(dispatch), body["model"], chat=True)
 
 
@@ -166,7 +203,7 @@ class OllamaGenerate(MethodView):
                    [{"role": "user", "content": body["prompt"]}]
         dispatch = _dispatch_request(headers, body, messages=messages, **_ollama_options(body))
         if body["stream"]:
-            return _ndjson_stream(dispatch, body["model"], chat=False)
+            return _streamed(dispatch, _ndjson_lines(body["model"], chat=False), NDJSON)
         return _ollama_answer(_run(dispatch), body["model"], chat=False)
 
 
@@ -218,36 +255,30 @@ def _dispatch_request(headers: dict, body: dict, *, messages: list[dict], output
 
 def _run(payload: dict) -> dict:
     """Record and run the request like POST /dispatch does."""
-    row = _enqueue(payload)
+    row = enqueue_sync(dispatch_request_id(), payload)
     return run_queued_request(get_db(), current_settings(), row, owner=row["lease_owner"], raise_problem=True)
 
 
-def _enqueue(payload: dict) -> dict:
-    with get_db().connection() as conn:
-        return request_queue.enqueue(conn, request_id=dispatch_request_id(), payload=payload, task_type=payload["task_type"],
-                                     priority=payload["priority"], mode="sync", callback_url=None,
-                                     lease_owner=request_queue.lease_owner(),
-                                     lease_seconds=request_queue.LEASE_SECONDS)
-
-
-def _stream(payload: dict) -> tuple[dict, Iterator[dict]]:
-    """Start a streamed dispatch; problems before the first token surface as HTTP errors."""
-    row = _enqueue(payload)
+def _streamed(payload: dict, to_lines: Callable[[dict, Iterator[dict]], Iterator[str]], mimetype: str) -> Response:
+    """Record and stream the request; problems before the first token are HTTP errors, as for `_run`."""
+    row = enqueue_sync(dispatch_request_id(), payload)
     events = stream_dispatch(get_db(), current_settings(), row, owner=row["lease_owner"])
-    first = next(events)        # the start event: selection and runtime done, or a Problem raised
-    return first, events
-
-
-def _event_stream(payload: dict, to_chunks) -> Response:
-    start, events = _stream(payload)
+    start = next(events)        # the model has started answering, or a Problem was raised
 
     def body() -> Iterator[str]:
-        for chunk in to_chunks(start, events):
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+        try:
+            yield from to_lines(start, events)
+        finally:
+            events.close()      # a client gone mid-stream: release the runtime, end the request
 
-    return Response(stream_with_context(body()), mimetype="text/event-stream",
+    return Response(stream_with_context(body()), mimetype=mimetype,
                     headers={"Cache-Control": "no-cache", "X-Dispatch-Model": start["model"]})
+
+
+def _sse_lines(start: dict, events: Iterator[dict]) -> Iterator[str]:
+    for chunk in _openai_chunks(start, events):
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _openai_chunks(start: dict, events: Iterator[dict]) -> Iterator[dict]:
@@ -257,6 +288,8 @@ def _openai_chunks(start: dict, events: Iterator[dict]) -> Iterator[dict]:
     for event in events:
         if "text" in event:
             yield {**base, "choices": [{"index": 0, "delta": {"content": event["text"]}, "finish_reason": None}]}
+        elif "error" in event:   # the OpenAI client raises on an error chunk
+            yield {"error": _openai_error(event["error"]["status"], event["error"]["detail"])}
         else:
             yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": event["finish_reason"]}],
                    "usage": _usage(event["tokens"])}
@@ -266,12 +299,19 @@ def _openai_completion(result: dict) -> dict:
     return {
         "id": f"chatcmpl-{result['request_id']}", "object": "chat.completion", "created": int(time.time()),
         "model": f"{result['model']['name']}:{result['model']['version']}",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result["raw"]},
-                     "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": _content(result)},
+                     "finish_reason": result["finish_reason"] or "stop"}],
         "usage": _usage(result["tokens"]),
         "dispatch": {"request_id": result["request_id"], "valid": result["valid"], "timings": result["timings"],
                      "decision": result["decision"]},
     }
+
+
+def _content(result: dict) -> str:
+    """The answer's text; for JSON output the validated value, without the prose around it."""
+    if result["output_format"] == "json" and result["valid"]:
+        return json.dumps(result["response"])
+    return result["raw"]
 
 
 def _usage(tokens: dict) -> dict:
@@ -297,23 +337,23 @@ def _ollama_options(body: dict) -> dict:
             "temperature": options.get("temperature"), "seed": options.get("seed")}
 
 
-def _ndjson_stream(payload: dict, requested_model: str, *, chat: bool) -> Response:
-    start, events = _stream(payload)
-
-    def body() -> Iterator[str]:
+def _ndjson_lines(requested_model: str, *, chat: bool) -> Callable[[dict, Iterator[dict]], Iterator[str]]:
+    def lines(start: dict, events: Iterator[dict]) -> Iterator[str]:
         for event in events:
             if "text" in event:
-                yield json.dumps(_ollama_part(requested_model, event["text"], chat=chat)) + "\n"
+                line = _ollama_part(requested_model, event["text"], chat=chat)
+            elif "error" in event:   # Ollama's own way to end a broken stream; its clients raise on it
+                line = {"error": event["error"]["detail"]}
             else:
-                yield json.dumps(_ollama_done(requested_model, "", event, chat=chat)) + "\n"
+                line = _ollama_done(requested_model, "", event, chat=chat)
+            yield json.dumps(line) + "\n"
 
-    return Response(stream_with_context(body()), mimetype="application/x-ndjson",
-                    headers={"X-Dispatch-Model": start["model"]})
+    return lines
 
 
 def _ollama_answer(result: dict, requested_model: str, *, chat: bool) -> dict:
-    end = {"finish_reason": "stop", "tokens": result["tokens"], "timings": result["timings"]}
-    return {**_ollama_done(requested_model, result["raw"], end, chat=chat),
+    end = {"finish_reason": result["finish_reason"], "tokens": result["tokens"], "timings": result["timings"]}
+    return {**_ollama_done(requested_model, _content(result), end, chat=chat),
             "dispatch": {"request_id": result["request_id"], "valid": result["valid"],
                          "model": f"{result['model']['name']}:{result['model']['version']}",
                          "decision": result["decision"]}}
@@ -345,8 +385,9 @@ def _ollama_model(name: str, created) -> dict:
 
 
 def _model_names() -> list[tuple[str, object]]:
+    """"auto" and the active models this orchestrator can run (its runtime drivers)."""
     with get_db().connection() as conn:
-        rows = queries.active_models(conn)
+        rows = queries.active_models(conn, current_settings().runtime_drivers)
     return [(AUTO, 0)] + [(f"{row['name']}:{row['version']}", row["created_at"].timestamp()) for row in rows]
 
 
@@ -362,3 +403,22 @@ def _now() -> str:
 
 def _is_model_ref(value: str) -> bool:
     return re.match(MODEL_REF, value) is not None
+
+
+@blp.after_request
+def _add_client_error(response: Response) -> Response:
+    """Problems carry the `error` member OpenAI and Ollama clients show (Ollama's a string)."""
+    if response.mimetype != PROBLEM_CONTENT_TYPE:
+        return response
+    problem = response.get_json()
+    if request.path.startswith("/v1/"):
+        problem["error"] = _openai_error(problem["status"], problem["detail"])
+    else:
+        problem["error"] = problem["detail"]
+    response.set_data(json.dumps(problem))
+    return response
+
+
+def _openai_error(status: int, detail: str) -> dict:
+    return {"message": detail, "type": "invalid_request_error" if status < 500 else "server_error",
+            "code": status}

@@ -12,10 +12,11 @@ Every attempt is logged in performance_logs. When all fail, `DispatchFailed` car
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -36,6 +37,10 @@ from services.prompt_builder.templates import BuiltPrompt, PromptRequest, build_
 from services.registry.selection import Candidate, Selection, SelectionRequest, select_models
 
 logger = logging.getLogger(__name__)
+
+# Outcomes where the model server did its part (performance_logs.success): the model is not to
+# blame for an answer that failed validation, or that a client stopped reading.
+SERVED = ("ok", "invalid_output", "client_disconnected")
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,8 @@ class Attempt:
     model: str
     model_id: str
     runtime_id: str | None = None
-    outcome: str = "pending"       # ok | invalid_output | timeout | server_error | start_failed
+    # ok | invalid_output | timeout | server_error | start_failed | client_disconnected
+    outcome: str = "pending"
     error: str | None = None
     reasons: list[dict] = field(default_factory=list)
     repair: bool = False
@@ -128,16 +134,10 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
     """
     request_id = str(row["id"])
     queue_wait_ms = max(0.0, (row["started_at"] - row["created_at"]).total_seconds() * 1000)
-
-    def note_attempt(attempt: Attempt) -> None:
-        with db.connection() as conn:
-            request_queue.assign(conn, request_id, owner=owner, model_id=attempt.model_id,
-                                 runtime_id=attempt.runtime_id)
-
     try:
-        with lease_kept_alive(db, request_id, owner):
+        with lease_kept_alive(db, settings, request_id, owner):
             result = dispatch(db, settings, request_id, DispatchRequest.from_payload(row["request_payload"]),
-                              queue_wait_ms=queue_wait_ms, on_attempt=note_attempt)
+                              queue_wait_ms=queue_wait_ms, on_attempt=assignment_noter(db, request_id, owner))
     except Exception as error:
         details = _error_details(error)
         with db.connection() as conn:
@@ -156,17 +156,25 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
     return result
 
 
+def assignment_noter(db: Database, request_id: str, owner: str) -> Callable[[Attempt], None]:
+    """A callback noting in the queue which model and runtime an attempt uses (feedback needs it)."""
+    def note(attempt: Attempt) -> None:
+        with db.connection() as conn:
+            request_queue.assign(conn, request_id, owner=owner, model_id=attempt.model_id,
+                                 runtime_id=attempt.runtime_id)
+    return note
+
+
 @contextmanager
-def lease_kept_alive(db: Database, request_id: str, owner: str) -> Iterator[None]:
+def lease_kept_alive(db: Database, settings: Settings, request_id: str, owner: str) -> Iterator[None]:
     """Renew the request's lease while the block runs, so only a dead owner's lease lapses."""
     done = threading.Event()
 
     def renew() -> None:
-        while not done.wait(request_queue.LEASE_RENEW_S):
+        while not done.wait(settings.queue_lease_renew_s):
             try:
                 with db.connection() as conn:
-                    request_queue.renew_lease(conn, request_id, owner=owner,
-                                              lease_seconds=request_queue.LEASE_SECONDS)
+                    request_queue.renew_lease(conn, request_id, owner=owner, lease_seconds=settings.queue_lease_s)
             except Exception:
                 logger.warning("could not renew a lease", extra={"dispatch_id": request_id})
 
@@ -206,11 +214,7 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
              queue_wait_ms: float = 0.0, on_attempt=None) -> dict:
     """Run one request to a validated answer; raise DispatchFailed when every attempt fails."""
     started = time.perf_counter()
-    if request.model:
-        selection = pinned_selection(db, request)
-    else:
-        with db.connection() as conn:
-            selection = select_models(conn, selection_request(request), settings)
+    selection = _select(db, settings, request)
     selection_ms = _ms_since(started)
 
     candidates = selection.candidates
@@ -237,56 +241,45 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
 def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) -> Iterator[dict]:
     """A streamed answer (no output validation): a start event, text events, then an end event.
 
-    Models are tried in rank order until one starts answering; after the first token there is no
-    retry. Problems before the start event are raised from the first `next()`.
+    Models are tried in rank order (wrapping around, up to max_retries + 1 attempts) until one
+    starts answering; after the first token there is no retry: a failure ends the stream with an
+    error event. Problems before the start event are
+    raised from the first `next()`. Closing the stream early (the client went away) releases the
+    runtime and ends the request as failed.
     """
     request_id = str(row["id"])
     request = DispatchRequest.from_payload(row["request_payload"])
     try:
-        if request.model:
-            selection = pinned_selection(db, request)
-        else:
-            with db.connection() as conn:
-                selection = select_models(conn, selection_request(request), settings)
+        selection = _select(db, settings, request)
     except Exception as error:
-        _record_failure(db, row, owner, error)
+        _record_failure(db, row, owner, _error_details(error))
         raise
     attempts: list[Attempt] = []
-    with lease_kept_alive(db, request_id, owner):
-        for candidate in selection.candidates[:request.max_retries + 1]:
-            attempt = Attempt(number=len(attempts) + 1, model=_label(candidate.model),
+    with lease_kept_alive(db, settings, request_id, owner):
+        for number in range(request.max_retries + 1):
+            candidate = selection.candidates[number % len(selection.candidates)]   # wraps, as dispatch does
+            attempt = Attempt(number=number + 1, model=_label(candidate.model),
                               model_id=str(candidate.model["id"]))
             attempts.append(attempt)
-            outcome = Outcome(attempt=attempt)
-            started, streaming, text = time.perf_counter(), False, []
+            outcome, started, text = Outcome(attempt=attempt), time.perf_counter(), []
             try:
-                with db.connection() as conn:
-                    outcome.built = build_prompt(conn, prompt_request(request, candidate.model))
-                with leased_runtime(db, candidate.model["id"], settings) as runtime:
-                    outcome.ensure_ms = _ms_since(started)
-                    attempt.runtime_id = str(runtime["id"])
-                    client = client_for(candidate.model, runtime["endpoint"], timeout_s=request.timeout_s)
-                    stream = client.stream(messages=conversation(request, outcome.built, None),
-                                           options=generation_options(request))
-                    yield {"request_id": request_id, "model": attempt.model, "runtime_id": attempt.runtime_id}
-                    streaming = True
-                    for chunk in stream:
-                        text.append(chunk)
-                        yield {"text": chunk}
-                    outcome.generation = stream.result
+                yield from _stream_attempt(db, settings, request_id, request, candidate, outcome, text,
+                                           on_attempt=assignment_noter(db, request_id, owner))
             except Problem as error:
-                attempt.outcome = "timeout" if isinstance(error, ModelServerTimeout) else (
+                failed = "timeout" if isinstance(error, ModelServerTimeout) else (
                     "server_error" if attempt.runtime_id else "start_failed")
-                attempt.error = error.detail
-                attempt.duration_ms = _ms_since(started)
-                _log_attempt(db, request_id, request, outcome, 0.0)
-                if streaming:   # no retry after the first token: end the stream, record the failure
-                    _record_failure(db, row, owner, DispatchFailed(request_id, attempts))
-                    yield {"finish_reason": "error", "tokens": {}, "timings": {"total_ms": attempt.duration_ms}}
+                _end_attempt(db, request_id, request, outcome, started, failed, error.detail)
+                if text:   # no retry after the first token: end the stream with the error
+                    _record_failure(db, row, owner, _error_details(DispatchFailed(request_id, attempts)))
+                    yield {"error": {"status": error.status, "detail": error.detail}}
                     return
                 continue
-            attempt.outcome, attempt.duration_ms = "ok", _ms_since(started)
-            _log_attempt(db, request_id, request, outcome, 0.0)
+            except GeneratorExit:
+                _end_attempt(db, request_id, request, outcome, started, "client_disconnected", DISCONNECTED)
+                _record_failure(db, row, owner, {"error": "client_disconnected", "detail": DISCONNECTED,
+                                                 "attempts": [asdict(a) for a in attempts]})
+                raise
+            _end_attempt(db, request_id, request, outcome, started, "ok", None)
             generation = outcome.generation
             result = {"request_id": request_id, "status": "completed", "streamed": True, "raw": "".join(text),
                       "model": {"id": attempt.model_id, "name": candidate.model["name"],
@@ -294,20 +287,66 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
                       "runtime_id": attempt.runtime_id, "attempts": [asdict(a) for a in attempts]}
             with db.connection() as conn:
                 request_queue.complete(conn, request_id, owner=owner, result=result)
-            tokens = {"input": generation.input_tokens if generation else None,
-                      "output": generation.output_tokens if generation else None}
-            yield {"finish_reason": (generation.finish_reason if generation else None) or "stop", "tokens": tokens,
+            yield {"finish_reason": generation.finish_reason or "stop",
+                   "tokens": {"input": generation.input_tokens, "output": generation.output_tokens},
                    "timings": {"total_ms": attempt.duration_ms, "cold_start_ms": 0.0,
-                               "generation_ms": generation.timings.total_ms if generation else 0.0}}
+                               "generation_ms": generation.timings.total_ms}}
             return
     failure = DispatchFailed(request_id, attempts)
-    _record_failure(db, row, owner, failure)
+    _record_failure(db, row, owner, _error_details(failure))
     raise failure
 
 
-def _record_failure(db: Database, row: dict, owner: str, error: Exception) -> None:
+DISCONNECTED = "The client disconnected before the answer was complete."
+
+
+def _stream_attempt(db: Database, settings: Settings, request_id: str, request: DispatchRequest,
+                    candidate: Candidate, outcome: Outcome, text: list[str], *,
+                    on_attempt: Callable[[Attempt], None]) -> Iterator[dict]:
+    """One model's streamed answer: the start event once it answers, then its text.
+
+    The start event waits for the first chunk, so a model that fails before answering is retried
+    on the next candidate without the client seeing anything. `outcome` ends with the generation.
+    """
+    attempt, started = outcome.attempt, time.perf_counter()
     with db.connection() as conn:
-        request_queue.fail(conn, str(row["id"]), owner=owner, error_details=_error_details(error))
+        outcome.built = build_prompt(conn, prompt_request(request, candidate.model))
+    with leased_runtime(db, candidate.model["id"], settings) as runtime:
+        outcome.ensure_ms = _ms_since(started)
+        attempt.runtime_id = str(runtime["id"])
+        on_attempt(attempt)
+        client = client_for(candidate.model, runtime["endpoint"], timeout_s=request.timeout_s)
+        stream = client.stream(messages=conversation(request, outcome.built, None),
+                               options=generation_options(request))
+        chunks = iter(stream)
+        try:
+            first = next(chunks, None)
+            yield {"request_id": request_id, "model": attempt.model, "runtime_id": attempt.runtime_id}
+            for chunk in itertools.chain([first] if first is not None else [], chunks):
+                text.append(chunk)
+                yield {"text": chunk}
+        finally:
+            chunks.close()
+        outcome.generation = stream.result
+
+
+def _end_attempt(db: Database, request_id: str, request: DispatchRequest, outcome: Outcome, started: float,
+                 result: str, error: str | None) -> None:
+    outcome.attempt.outcome, outcome.attempt.error = result, error
+    outcome.attempt.duration_ms = _ms_since(started)
+    _log_attempt(db, request_id, request, outcome, 0.0)
+
+
+def _record_failure(db: Database, row: dict, owner: str, error_details: dict) -> None:
+    with db.connection() as conn:
+        request_queue.fail(conn, str(row["id"]), owner=owner, error_details=error_details)
+
+
+def _select(db: Database, settings: Settings, request: DispatchRequest) -> Selection:
+    if request.model:
+        return pinned_selection(db, request)
+    with db.connection() as conn:
+        return select_models(conn, selection_request(request), settings)
 
 
 def selection_request(request: DispatchRequest) -> SelectionRequest:
@@ -421,7 +460,7 @@ def _log_attempt(db: Database, request_id: str, request: DispatchRequest, outcom
         "processing_time_ms": round(attempt.duration_ms),
         "load_time_ms": round(outcome.ensure_ms) if outcome.cold_start else None,
         "queue_wait_ms": round(queue_wait_ms),
-        "success": attempt.outcome in ("ok", "invalid_output"),
+        "success": attempt.outcome in SERVED,
         "validation_passed": outcome.parsed.valid if outcome.parsed else None,
         "error_class": None if attempt.outcome == "ok" else attempt.outcome,
         "error_message": (attempt.error or "")[:5000] or None,
@@ -444,6 +483,7 @@ def _answer(request_id: str, request: DispatchRequest, selection: Selection, out
         "raw": generation.text,
         "valid": outcome.parsed.valid,
         "output_format": request.output_format,
+        "finish_reason": generation.finish_reason,
         "model": {"id": attempt.model_id, "name": chosen.model["name"], "version": chosen.model["version"]},
         "runtime_id": attempt.runtime_id,
         "template": outcome.built.template,

@@ -303,10 +303,11 @@ def active_requests(conn: psycopg.Connection, runtime_id: str) -> int:
 
 
 # Front doors.
-def active_models(conn: psycopg.Connection) -> list[dict]:
-    """Active models, for the OpenAI and Ollama model lists."""
+def active_models(conn: psycopg.Connection, drivers: tuple[str, ...]) -> list[dict]:
+    """Active models on these runtime drivers, for the OpenAI and Ollama model lists."""
     return conn.execute(
-        "SELECT name, version, created_at FROM model_registry WHERE active ORDER BY name, version"
+        "SELECT name, version, created_at FROM model_registry WHERE active AND runtime_driver = ANY(%s)"
+        " ORDER BY name, version", (list(drivers),)
     ).fetchall()
 
 

@@ -15,10 +15,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 # Workers LISTEN on this channel; an async enqueue NOTIFYs it when its transaction commits.
+# Lease lengths are settings (queue_lease_s, queue_lease_renew_s) passed in by the callers.
 CHANNEL = "request_queue"
-# A running request's lease is renewed every LEASE_RENEW_S; a dead worker's lapses after LEASE_SECONDS.
-LEASE_SECONDS = 30.0
-LEASE_RENEW_S = 10.0
 
 RETURNING = """
 RETURNING id, request_payload, task_type, priority, mode, status, attempts, assigned_model_id,

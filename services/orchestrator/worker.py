@@ -2,8 +2,8 @@
 
 Each worker thread claims the next pending request (priority, then age; FOR UPDATE SKIP LOCKED,
 so no request runs twice), runs it through the pipeline and records the outcome. Idle workers
-sleep until Postgres NOTIFYs a new request (or a short timeout passes). One thread also reclaims
-requests whose lease expired because their worker died.
+sleep until Postgres NOTIFYs a new request (or a short timeout passes). One thread also reclaims,
+every `queue_reclaim_interval_s`, requests whose lease expired because their worker died.
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from services.orchestrator.pipeline import run_queued_request
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 1.0
-RECLAIM_INTERVAL_S = 5.0
+LISTEN_TIMEOUT_S = 1.0   # how often the listener looks whether the pool is stopping
 MAX_ATTEMPTS = 3
 
 
@@ -37,7 +36,8 @@ class WorkerPool:
         self.settings = settings
         self.workers = workers
         self.stopping = threading.Event()
-        self.wakeup = threading.Condition()
+        # One release per NOTIFY: a wake-up that arrives while every worker is busy is kept, not lost.
+        self.wakeups = threading.Semaphore(0)
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -49,8 +49,7 @@ class WorkerPool:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self.stopping.set()
-        with self.wakeup:
-            self.wakeup.notify_all()
+        self.wakeups.release(self.workers)
         deadline = time.monotonic() + timeout_s
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -59,7 +58,7 @@ class WorkerPool:
         """Claim and run one request; False when the queue was empty."""
         owner = request_queue.lease_owner()
         with self.db.connection() as conn:
-            row = request_queue.claim_next(conn, owner=owner, lease_seconds=request_queue.LEASE_SECONDS)
+            row = request_queue.claim_next(conn, owner=owner, lease_seconds=self.settings.queue_lease_s)
         if row is None:
             return False
         try:
@@ -75,8 +74,7 @@ class WorkerPool:
                     continue
             except psycopg.Error:
                 logger.exception("queue unavailable; retrying")
-            with self.wakeup:
-                self.wakeup.wait(IDLE_WAIT_S)
+            self.wakeups.acquire(timeout=self.settings.queue_poll_s)
 
     def _listen(self) -> None:
         """Turn NOTIFYs into wake-ups, so a new request starts at once rather than at the next poll."""
@@ -85,22 +83,20 @@ class WorkerPool:
                 with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
                     conn.execute(f"LISTEN {request_queue.CHANNEL}")
                     while not self.stopping.is_set():
-                        for _ in conn.notifies(timeout=IDLE_WAIT_S):
-                            with self.wakeup:
-                                self.wakeup.notify()
+                        for _ in conn.notifies(timeout=LISTEN_TIMEOUT_S):
+                            self.wakeups.release()
             except psycopg.Error:
                 logger.warning("listener lost its connection; reconnecting")
                 self.stopping.wait(1.0)
 
     def _reclaim(self) -> None:
-        while not self.stopping.wait(RECLAIM_INTERVAL_S):
+        while not self.stopping.wait(self.settings.queue_reclaim_interval_s):
             try:
                 with self.db.connection() as conn:
                     reclaimed = request_queue.reclaim_expired(conn, max_attempts=MAX_ATTEMPTS)
                 if reclaimed:
                     logger.warning("reclaimed requests of lost workers", extra={"requests": len(reclaimed)})
-                    with self.wakeup:
-                        self.wakeup.notify_all()
+                    self.wakeups.release(len(reclaimed))
             except psycopg.Error:
                 logger.exception("reclaim failed; retrying")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def fake_process_model(conn: psycopg.Connection, **fields) -> dict:
     """A model served by the fake server as a real child process."""
     config = {"server": "fake", "model_alias": "fake", **fields.pop("runtime_config", {})}
     return insert_model(conn, runtime_driver="process", runtime_config=config, **fields)
+
+
+def wait_until(condition, timeout_s: float = 30.0, interval_s: float = 0.02):
+    """Poll until `condition()` is truthy and return it (a deadline, not a timed assert)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(interval_s)
+    return value

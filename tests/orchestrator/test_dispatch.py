@@ -56,7 +56,7 @@ def test_a_dispatch_answers_with_the_decision_and_leaves_a_record(client, conn, 
     assert body == {
         "request_id": response.headers["X-Request-ID"], "status": "completed",
         "response": "Hello from the fake model.", "raw": "Hello from the fake model.", "valid": True,
-        "output_format": "text",
+        "output_format": "text", "finish_reason": "stop",
         "model": {"id": str(model["id"]), "name": model["name"], "version": "1"},
         "runtime_id": ANY, "template": {"id": ANY, "task_type": "question-answering",
                                         "model_family": "default", "version": 1},

@@ -1,0 +1,443 @@
+"""The OpenAI and Ollama front doors, used through the official client libraries against a real HTTP server.
+
+The orchestrator app runs in a threaded werkzeug server on a database of the test's own (the
+server's threads cannot share the test transaction); fake model servers stand behind external runtimes.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from unittest.mock import ANY
+
+import ollama
+import openai
+import psycopg
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from fake_model_server import FakeModelServer
+from orchestrator_helpers import insert_model, wait_until
+from services.common.db import connect
+from services.orchestrator import create_app
+
+REPLY = "Hello from the fake model."
+JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+TASK_TYPES = ["conversation", "question-answering", "text-generation"]
+USER = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture
+def database(fresh_database_url: str) -> Iterator[psycopg.Connection]:
+    """The test's own database, committing every statement (the server sees what the test writes)."""
+    with connect(fresh_database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def dispatcher(fresh_database_url: str, settings) -> Iterator[str]:
+    """The orchestrator app served over real HTTP; its base URL."""
+    app = create_app({"TESTING": True, "DATABASE_URL": fresh_database_url, "API_TOKEN": "",
+                      "RUNTIME_DRIVERS": ("external",), "RUNTIME_DIR": settings.runtime_dir,
+                      "RECONCILE_ON_START": False})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+        app.extensions["database"].close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeModelServer]:
+    with FakeModelServer(reply=REPLY) as server:
+        yield server
+
+
+@pytest.fixture
+def model(database, fake) -> dict:
+    """The only model the dispatcher can run (the seeded ones need the process or docker driver)."""
+    return serve(database, fake, name="fake-chat")
+
+
+def serve(database, server: FakeModelServer, *, name: str) -> dict:
+    return insert_model(database, name=name, task_types=TASK_TYPES,
+                        runtime_config={"endpoint": server.url, "model_alias": "fake"})
+
+
+@pytest.fixture
+def gpt(dispatcher) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{dispatcher}/v1", api_key="unused", max_retries=0)
+
+
+def llama(dispatcher: str, **headers) -> ollama.Client:
+    return ollama.Client(host=dispatcher, headers=headers)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def queue_row(database, request_id: str) -> dict:
+    return database.execute(
+        "SELECT status, mode, task_type, assigned_model_id, request_payload, error_details"
+        " FROM request_queue WHERE id = %s", (request_id,)).fetchone()
+
+
+def performance_rows(database, request_id: str) -> list[dict]:
+    return database.execute(
+        "SELECT model_id, attempt, task_type, output_format, success, validation_passed, error_class,"
+        " output_tokens FROM performance_logs WHERE request_id = %s ORDER BY attempt", (request_id,)).fetchall()
+
+
+def ok_row(model: dict, *, task_type: str = "conversation", output_format: str = "text",
+           validation_passed: bool | None = True, output_tokens: int = 5) -> dict:
+    return {"model_id": model["id"], "attempt": 1, "task_type": task_type, "output_format": output_format,
+            "success": True, "validation_passed": validation_passed, "error_class": None,
+            "output_tokens": output_tokens}
+
+
+def runtime_load(database, model: dict) -> list[int]:
+    return [row["active_requests"] for row in database.execute(
+        "SELECT active_requests FROM container_lifecycle WHERE model_id = %s", (model["id"],))]
+
+
+def generation_requests(server: FakeModelServer) -> list[dict]:
+    return [r["body"] for r in server.requests if r["method"] == "POST"]
+
+
+# --- OpenAI ----------------------------------------------------------------------------------
+
+def test_openai_chat_with_model_auto_is_dispatched_and_recorded(gpt, database, model, fake):
+    request_id = new_id()
+    completion = gpt.chat.completions.create(model="auto", messages=USER, extra_headers={"X-Request-ID": request_id})
+
+    assert completion.to_dict() == {
+        "id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": ANY, "model": "fake-chat:1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": ANY, "completion_tokens": 5, "total_tokens": ANY},
+        "dispatch": {"request_id": request_id, "valid": True, "timings": ANY, "decision": ANY},
+    }
+    assert completion.dispatch["decision"]["chosen"] == "fake-chat:1"
+    assert (completion._request_id, completion.usage.total_tokens) == (
+        request_id, completion.usage.prompt_tokens + 5)
+    row = queue_row(database, request_id)
+    assert (row["status"], row["mode"], row["task_type"], row["assigned_model_id"]) == (
+        "completed", "sync", "conversation", model["id"])
+    assert performance_rows(database, request_id) == [ok_row(model)]
+    sent = generation_requests(fake)[-1]
+    assert (sent["model"], sent["stream"], sent["messages"][-1]["role"]) == ("fake", False, "user")
+
+
+def test_openai_chat_with_a_pinned_model_and_dispatch_headers(gpt, database, model, fake):
+    request_id = new_id()
+    completion = gpt.chat.completions.create(
+        model="fake-chat:1", messages=[{"role": "system", "content": "Be brief."}, *USER], max_tokens=2,
+        temperature=0.5, seed=7,
+        extra_headers={"X-Request-ID": request_id, "X-Dispatch-Task-Type": "question-answering",
+                       "X-Dispatch-Complexity": "2", "X-Dispatch-Max-Retries": "0"})
+
+    assert (completion.model, completion.choices[0].message.content) == ("fake-chat:1", "Hello from")
+    assert completion.dispatch["decision"]["candidates"] == [
+        {"model": "fake-chat:1", "model_id": str(model["id"]), "score": 1.0, "breakdown": {},
+         "data": {"pinned": True}}]
+    sent = generation_requests(fake)[-1]
+    assert (sent["max_tokens"], sent["temperature"], sent["seed"]) == (2, 0.5, 7)
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    payload = queue_row(database, request_id)["request_payload"]
+    assert (payload["task_type"], payload["complexity"], payload["max_retries"], payload["model"]) == (
+        "question-answering", 2, 0, "fake-chat:1")
+    assert performance_rows(database, request_id) == [ok_row(model, task_type="question-answering",
+                                                             output_tokens=2)]
+
+
+def test_openai_text_parts_and_the_developer_role_are_understood(gpt, model, fake):
+    gpt.chat.completions.create(model="auto", messages=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hello."}]}])
+    sent = generation_requests(fake)[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    assert "Say hello." in sent[-1]["content"]
+
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        gpt.chat.completions.create(model="auto", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]}])
+    assert caught.value.response.json()["errors"] == {
+        "json": {"messages": {"0": {"content": ["Must be text, or a list of text parts."]}}}}
+
+
+def test_openai_streaming_sends_the_answer_as_server_sent_events(gpt, database, model):
+    request_id = new_id()
+    stream = gpt.chat.completions.create(model="auto", messages=USER, stream=True,
+                                         stream_options={"include_usage": True},
+                                         extra_headers={"X-Request-ID": request_id})
+    chunks = [chunk.to_dict() for chunk in stream]
+
+    base = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": ANY,
+            "model": "fake-chat:1"}
+    pieces = ["Hello", " from", " the", " fake", " model."]
+    assert chunks == [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        *[{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces],
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": ANY, "completion_tokens": 5, "total_tokens": ANY}},
+    ]
+    row = queue_row(database, request_id)
+    assert (row["status"], row["assigned_model_id"]) == ("completed", model["id"])
+    assert performance_rows(database, request_id) == [ok_row(model, validation_passed=None)]
+    assert runtime_load(database, model) == [0]
+
+
+def test_openai_json_schema_response_format_returns_the_validated_json(gpt, database):
+    with FakeModelServer(reply='Sure! ```json\n{"answer": 42}\n```') as server:
+        model = serve(database, server, name="fake-json")
+        request_id = new_id()
+        completion = gpt.chat.completions.create(
+            model="auto", messages=USER, extra_headers={"X-Request-ID": request_id},
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": JSON_SCHEMA}})
+    assert json.loads(completion.choices[0].message.content) == {"answer": 42}
+    assert completion.dispatch["valid"] is True
+    assert generation_requests(server)[-1]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": JSON_SCHEMA}}
+    assert performance_rows(database, request_id) == [ok_row(model, output_format="json", output_tokens=3)]
+
+
+def test_openai_models_lists_auto_and_the_models_the_dispatcher_can_run(gpt, model):
+    assert [(m.id, m.object, m.owned_by) for m in gpt.models.list()] == [
+        ("auto", "model", "dispatcher"), ("fake-chat:1", "model", "dispatcher")]
+
+
+def test_openai_unknown_model_is_a_404_problem_and_a_failed_request(gpt, database, model):
+    request_id = new_id()
+    with pytest.raises(openai.NotFoundError) as caught:
+        gpt.chat.completions.create(model="nope:1", messages=USER, extra_headers={"X-Request-ID": request_id})
+
+    error = caught.value
+    assert (error.status_code, error.response.headers["content-type"]) == (404, "application/problem+json")
+    assert error.response.json() == {
+        "type": "about:blank", "title": "Not Found", "status": 404, "detail": "model nope:1 does not exist",
+        "request_id": request_id,
+        "error": {"message": "model nope:1 does not exist", "type": "invalid_request_error", "code": 404}}
+    assert (error.message, error.type) == ("Error code: 404 - model nope:1 does not exist", "invalid_request_error")
+    row = queue_row(database, request_id)
+    assert (row["status"], row["error_details"]) == ("failed", {"status": 404,
+                                                                "detail": "model nope:1 does not exist"})
+
+
+def test_openai_streaming_with_an_unknown_model_fails_before_the_stream(gpt, database, model):
+    with pytest.raises(openai.NotFoundError) as caught:
+        gpt.chat.completions.create(model="nope", messages=USER, stream=True)
+    assert caught.value.response.json()["detail"] == "model nope does not exist"
+
+
+@pytest.mark.parametrize("headers, errors", [
+    ({"X-Dispatch-Task-Type": "poetry"}, {"X-Dispatch-Task-Type": [
+        "Must be one of: text-generation, code-generation, question-answering, conversation, summarization,"
+        " classification."]}),
+    ({"X-Dispatch-Complexity": "extreme"}, {"X-Dispatch-Complexity": [
+        "Must be an integer from 1 to 10, or one of: low, medium, high."]}),
+    ({"X-Dispatch-Complexity": "11"}, {"X-Dispatch-Complexity": [
+        "Must be an integer from 1 to 10, or one of: low, medium, high."]}),
+    ({"X-Dispatch-Max-Retries": "9"}, {"X-Dispatch-Max-Retries": [
+        "Must be greater than or equal to 0 and less than or equal to 5."]}),
+])
+def test_openai_bad_dispatch_headers_are_422_and_record_nothing(gpt, database, model, headers, errors):
+    request_id = new_id()
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        gpt.chat.completions.create(model="auto", messages=USER,
+                                    extra_headers={"X-Request-ID": request_id, **headers})
+    assert caught.value.response.json() == {
+        "type": "about:blank", "title": "Unprocessable Entity", "status": 422,
+        "detail": "The request is invalid: see errors for each field.", "request_id": request_id,
+        "errors": {"headers": errors},
+        "error": {"message": "The request is invalid: see errors for each field.",
+                  "type": "invalid_request_error", "code": 422}}
+    assert queue_row(database, request_id) is None
+
+
+def test_openai_bad_model_name_and_body_are_422(gpt, database, model):
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        gpt.chat.completions.create(model="Not A Model!", messages=USER)
+    assert caught.value.response.json()["errors"] == {"json": {"model": ["Unknown model name syntax."]}}
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        gpt.chat.completions.create(model="auto", messages=[{"role": "assistant", "content": "hi"}])
+    assert caught.value.response.json()["errors"] == {"json": {"messages": ["The last message must be a user message."]}}
+    assert database.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == 0
+
+
+def test_openai_when_every_attempt_fails_the_client_gets_a_502(gpt, database):
+    with FakeModelServer(fault="error") as broken:
+        model = serve(database, broken, name="fake-broken")
+        request_id = new_id()
+        with pytest.raises(openai.InternalServerError) as caught:
+            gpt.chat.completions.create(model="auto", messages=USER,
+                                        extra_headers={"X-Request-ID": request_id, "X-Dispatch-Max-Retries": "1"})
+    body = caught.value.response.json()
+    assert (body["status"], body["dispatch_id"], len(body["attempts"])) == (502, request_id, 2)
+    assert queue_row(database, request_id)["status"] == "failed"
+    assert [r["error_class"] for r in performance_rows(database, request_id)] == ["server_error"] * 2
+    assert runtime_load(database, model) == [0]
+
+
+def test_openai_stream_broken_off_by_the_model_raises_in_the_client(gpt, database):
+    with FakeModelServer(fault="drop") as dropping:
+        model = serve(database, dropping, name="fake-drop")
+        request_id = new_id()
+        stream = gpt.chat.completions.create(model="auto", messages=USER, stream=True,
+                                             extra_headers={"X-Request-ID": request_id})
+        contents = []
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in stream:
+                contents.append(chunk.choices[0].delta.content)
+    assert contents == ["", "Hello"]
+    assert caught.value.message == "the model server broke off its stream: Response ended prematurely"
+    row = queue_row(database, request_id)
+    assert (row["status"], row["error_details"]["status"]) == ("failed", 502)
+    assert [r["error_class"] for r in performance_rows(database, request_id)] == ["server_error"]
+    assert runtime_load(database, model) == [0]
+
+
+def test_a_stream_that_fails_before_its_first_token_is_retried_unseen(gpt, database):
+    with FakeModelServer(reply=REPLY, fault="garbage", fault_count=1) as flaky:
+        model = serve(database, flaky, name="fake-flaky")
+        request_id = new_id()
+        stream = gpt.chat.completions.create(model="auto", messages=USER, stream=True,
+                                             extra_headers={"X-Request-ID": request_id})
+        contents = [chunk.choices[0].delta.content or "" for chunk in stream]
+    assert "".join(contents) == REPLY
+    assert [(r["attempt"], r["success"], r["error_class"]) for r in performance_rows(database, request_id)] == [
+        (1, False, "server_error"), (2, True, None)]
+    row = queue_row(database, request_id)
+    assert (row["status"], row["assigned_model_id"]) == ("completed", model["id"])
+
+
+def test_a_client_that_disconnects_mid_stream_releases_the_runtime(dispatcher, database):
+    words = " ".join(f"w{n}" for n in range(200))
+    with FakeModelServer(reply=words, fault="slow", delay_ms=20) as slow:
+        model = serve(database, slow, name="fake-slow")
+        request_id = new_id()
+        with requests.post(f"{dispatcher}/v1/chat/completions", stream=True, timeout=10,
+                           json={"model": "auto", "messages": USER, "stream": True},
+                           headers={"X-Request-ID": request_id}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith(b"data: ")
+            assert runtime_load(database, model) == [1]
+        # The server notices at its next write; then the runtime is released and the request ends.
+        wait_until(lambda: queue_row(database, request_id)["status"] != "processing")
+    assert runtime_load(database, model) == [0]
+    assert queue_row(database, request_id)["error_details"] == {
+        "error": "client_disconnected", "detail": "The client disconnected before the answer was complete.",
+        "attempts": [{"number": 1, "model": "fake-slow:1", "model_id": str(model["id"]), "runtime_id": ANY,
+                      "outcome": "client_disconnected",
+                      "error": "The client disconnected before the answer was complete.", "reasons": [],
+                      "repair": False, "duration_ms": ANY}]}
+    assert [r["error_class"] for r in performance_rows(database, request_id)] == ["client_disconnected"]
+
+
+# --- Ollama ----------------------------------------------------------------------------------
+
+def test_ollama_chat_without_streaming(dispatcher, database, model):
+    request_id = new_id()
+    answer = llama(dispatcher, **{"X-Request-ID": request_id}).chat(model="auto", messages=USER, stream=False)
+
+    assert answer.model_dump(exclude_none=True) == {
+        "model": "auto", "created_at": ANY, "done": True, "done_reason": "stop", "total_duration": ANY,
+        "load_duration": ANY, "prompt_eval_count": ANY, "eval_count": 5, "eval_duration": ANY,
+        "message": {"role": "assistant", "content": REPLY}}
+    assert queue_row(database, request_id)["status"] == "completed"
+    assert performance_rows(database, request_id) == [ok_row(model)]
+
+
+def test_ollama_chat_streams_ndjson(dispatcher, database, model):
+    request_id = new_id()
+    parts = list(llama(dispatcher, **{"X-Request-ID": request_id}).chat(model="fake-chat:latest", messages=USER,
+                                                                        stream=True))
+
+    assert [(p.message.content, p.done) for p in parts] == [
+        ("Hello", False), (" from", False), (" the", False), (" fake", False), (" model.", False), ("", True)]
+    assert (parts[-1].model, parts[-1].done_reason, parts[-1].eval_count) == ("fake-chat:latest", "stop", 5)
+    assert queue_row(database, request_id)["status"] == "completed"
+    assert performance_rows(database, request_id) == [ok_row(model, validation_passed=None)]
+    assert runtime_load(database, model) == [0]
+
+
+def test_ollama_generate_with_and_without_streaming(dispatcher, database, model, fake):
+    client = llama(dispatcher, **{"X-Dispatch-Task-Type": "text-generation"})
+    answer = client.generate(model="auto", prompt="Say hello.", system="Be brief.",
+                             options={"num_predict": 3, "temperature": 0.1})
+    assert (answer.response, answer.done, answer.done_reason, answer.eval_count) == ("Hello from the", True,
+                                                                                     "length", 3)
+    sent = generation_requests(fake)[-1]
+    assert (sent["max_tokens"], sent["temperature"], sent["messages"][0]) == (
+        3, 0.1, {"role": "system", "content": "Be brief."})
+
+    parts = list(client.generate(model="auto", prompt="Say hello.", stream=True))
+    assert "".join(p.response for p in parts) == REPLY
+    assert [p.done for p in parts] == [False] * 5 + [True]
+    rows = database.execute("SELECT task_type, status FROM request_queue ORDER BY created_at").fetchall()
+    assert rows == [{"task_type": "text-generation", "status": "completed"}] * 2
+
+
+@pytest.mark.parametrize("output_format", ["json", JSON_SCHEMA])
+def test_ollama_format_asks_for_json_and_validates_it(dispatcher, database, output_format):
+    with FakeModelServer(reply='{"answer": 42}') as server:
+        model = serve(database, server, name="fake-json")
+        request_id = new_id()
+        answer = llama(dispatcher, **{"X-Request-ID": request_id}).chat(
+            model="auto", messages=USER, format=output_format)
+    assert json.loads(answer.message.content) == {"answer": 42}
+    expected = {"type": "json_object"} if output_format == "json" else {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": JSON_SCHEMA}}
+    assert generation_requests(server)[-1]["response_format"] == expected
+    assert performance_rows(database, request_id) == [ok_row(model, output_format="json", output_tokens=2)]
+
+
+def test_ollama_tags_ps_and_version(dispatcher, database, model):
+    client = llama(dispatcher)
+    assert [(m.model, m.size, m.details.family) for m in client.list().models] == [
+        ("auto", 0, "auto"), ("fake-chat:1", 0, "fake-chat")]
+    assert client.ps().models == []
+
+    client.chat(model="auto", messages=USER, stream=False)
+    running = client.ps().models
+    assert [(m.model, m.name, m.size_vram) for m in running] == [("fake-chat:1", "fake-chat:1", 0)]
+    version = requests.get(f"{dispatcher}/api/version", timeout=5)
+    assert (version.status_code, version.json()) == (200, {"version": "0.6.3"})
+
+
+def test_ollama_unknown_model_is_a_404_the_client_reports(dispatcher, database, model):
+    request_id = new_id()
+    with pytest.raises(ollama.ResponseError) as caught:
+        llama(dispatcher, **{"X-Request-ID": request_id}).chat(model="nope", messages=USER, stream=False)
+    assert (caught.value.status_code, caught.value.error) == (404, "model nope does not exist")
+    assert queue_row(database, request_id)["status"] == "failed"
+
+    with pytest.raises(ollama.ResponseError) as caught:
+        list(llama(dispatcher).generate(model="nope", prompt="hi", stream=True))
+    assert (caught.value.status_code, caught.value.error) == (404, "model nope does not exist")
+
+
+def test_ollama_bad_header_is_a_422_the_client_reports(dispatcher, database, model):
+    with pytest.raises(ollama.ResponseError) as caught:
+        llama(dispatcher, **{"X-Dispatch-Complexity": "0"}).chat(model="auto", messages=USER, stream=False)
+    assert (caught.value.status_code, caught.value.error) == (
+        422, "The request is invalid: see errors for each field.")
+    assert database.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == 0
+
+
+def test_ollama_stream_broken_off_by_the_model_raises_in_the_client(dispatcher, database):
+    with FakeModelServer(fault="drop") as dropping:
+        serve(database, dropping, name="fake-drop")
+        parts = []
+        with pytest.raises(ollama.ResponseError) as caught:
+            for part in llama(dispatcher).chat(model="auto", messages=USER, stream=True):
+                parts.append(part.message.content)
+    assert parts == ["Hello"]
+    assert caught.value.error == "the model server broke off its stream: Response ended prematurely"
+
