@@ -3,6 +3,15 @@
 The image must already be on the Docker host: the driver never pulls images (a missing image is
 a clear error, not a long wait on an unreachable registry). Models inside the server are pulled
 through the server's own API by the lifecycle (`pull` for the Ollama protocol).
+
+runtime_config: `image` (default ollama/ollama, which serves the Ollama protocol on
+OLLAMA_HOST); `network_mode` "host" (the server binds 127.0.0.1 on a free host port) or bridge
+(the default: `container_port`, published on 127.0.0.1); `command` and `environment`, whose
+values may name {host}, {port} and the allocation's {threads}, {parallel_slots}, {memory_mb},
+{cpu}. E.g. the llama.cpp image of scripts/dockerd-test-env, speaking the OpenAI protocol:
+{"image": "dispatcher-llm:<hash>", "network_mode": "host", "model_alias": "smollm2",
+ "command": ["/venv/bin/python", "/opt/dispatcher/llama_server.py", "--model-path",
+             "/models/smollm2.gguf", "--host", "{host}", "--port", "{port}", "--threads", "{threads}"]}
 """
 from __future__ import annotations
 
@@ -51,9 +60,9 @@ class DockerDriver:
         host_network = config.get("network_mode") == "host"
         port = free_port() if host_network else int(config.get("container_port", OLLAMA_PORT))
         bind = "127.0.0.1" if host_network else "0.0.0.0"
-        fill = {"port": port, "host": bind}
-        command = [str(arg).format(**fill) for arg in config["command"]] if config.get("command") else None
-        environment = {key: str(value).format(**fill) for key, value in self._environment(config, image).items()}
+        fill = {**allocation, "port": port, "host": bind}
+        command = [_fill(arg, fill) for arg in config["command"]] if config.get("command") else None
+        environment = {key: _fill(value, fill) for key, value in self._environment(config, image).items()}
         options = dict(
             name=f"dispatcher-{runtime['id']}",
             detach=True,
@@ -124,10 +133,11 @@ class DockerDriver:
         if not runtime.get("container_id"):
             return ""
         try:
-            logs = self.client.containers.get(runtime["container_id"]).logs(tail=100)
+            container = self.client.containers.get(runtime["container_id"])
+            logs = container.logs(tail=100).decode("utf-8", "replace")
         except _FAILURES:
             return ""
-        return logs.decode("utf-8", "replace")[-max_chars:]
+        return (logs + _exit_note(container.attrs.get("State") or {}))[-max_chars:]
 
     @staticmethod
     def _environment(config: dict, image: str) -> dict:
@@ -136,6 +146,23 @@ class DockerDriver:
         if image.split(":")[0].endswith("ollama/ollama"):
             return {"OLLAMA_HOST": "{host}:{port}"}
         return {}
+
+
+def _fill(template: object, values: dict) -> str:
+    """A command or environment value with its {placeholders} filled in."""
+    try:
+        return str(template).format(**values)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise RuntimeStartError(f"runtime_config value {template!r} has an unknown placeholder "
+                                f"({exc}); known: {', '.join(sorted(values))}") from exc
+
+
+def _exit_note(state: dict) -> str:
+    """Why an exited container ended, in the words of its state (an OOM kill leaves no log line)."""
+    if state.get("Status") != "exited":
+        return ""
+    oom = ", killed for going over its memory limit (OOMKilled)" if state.get("OOMKilled") else ""
+    return f"[container exited with code {state.get('ExitCode')}{oom}]\n"
 
 
 def _published_port(attrs: dict, container_port: int) -> int:
