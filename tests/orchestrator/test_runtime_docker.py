@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import responses
@@ -44,7 +45,9 @@ def create_body(**host_config) -> dict:
     return {"ExposedPorts": {"11434/tcp": {}}, "Tty": False, "OpenStdin": False, "StdinOnce": False,
             "AttachStdin": False, "AttachStdout": False, "AttachStderr": False,
             "Env": ["OLLAMA_HOST=0.0.0.0:11434"], "Image": "ollama/ollama", "NetworkDisabled": False,
+            "Volumes": {"/root/.ollama": {}},
             "HostConfig": {"Memory": 8192 * 1024 * 1024, "NetworkMode": "default",
+                           "Binds": ["dispatcher-ollama-models:/root/.ollama:rw"],
                            "PortBindings": {"11434/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]},
                            "NanoCpus": 2_000_000_000, **host_config},
             "Labels": LABELS}
@@ -92,6 +95,20 @@ def test_start_with_host_networking_binds_a_free_port_on_loopback(docker_api, dr
     assert "PortBindings" not in body["HostConfig"] and "Env" not in body
     assert launched.endpoint == f"http://127.0.0.1:{launched.port}"
     assert launched.driver_state["network_mode"] == "host"
+
+
+def test_on_a_docker_network_the_server_is_reached_by_container_name(docker_api, settings):
+    driver = DockerDriver(replace(settings, docker_network="dispatcher"), "scope1")
+    body = create_body(NetworkMode="dispatcher")
+    del body["HostConfig"]["PortBindings"], body["ExposedPorts"]  # nothing published on the host
+    expect_start(docker_api, {**body, "NetworkingConfig": {"EndpointsConfig": {"dispatcher": {}}}})
+
+    launched = driver.start(RUNTIME, MODEL, ALLOCATION)
+
+    name = f"dispatcher-{RUNTIME['id']}"
+    assert launched == Launched(endpoint=f"http://{name}:11434", host=name, port=11434, container_id="c1",
+                                driver_state={"image": "ollama/ollama", "network_mode": "dispatcher",
+                                              "container_name": name})
 
 
 def test_an_unknown_placeholder_is_a_start_error_before_docker_is_asked(driver):
