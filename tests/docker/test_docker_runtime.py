@@ -71,11 +71,14 @@ def test_ensure_runs_a_limited_labelled_container_that_generates_and_is_reaped_w
     assert attrs["Config"]["Labels"] == labels(settings, model, runtime)
     assert (attrs["Config"]["Image"], attrs["Config"]["User"], attrs["Name"]) == (
         docker_host.image, "10001", f"/dispatcher-{runtime['id']}")
+    allocation = runtime["driver_state"]["allocation"]
+    assert allocation["memory_mb"] >= 512 and allocation["parallel_slots"] == 2
     assert attrs["Config"]["Cmd"][-10:] == ["--host", "127.0.0.1", "--port", str(runtime["port"]),
-                                            "--threads", "1", "--parallel", "2", "--ctx", "2048"]
+                                            "--threads", str(allocation["threads"]), "--parallel", "2",
+                                            "--ctx", "2048"]
     host_config = attrs["HostConfig"]
     assert (host_config["Memory"], host_config["NanoCpus"], host_config["NetworkMode"]) == (
-        512 * MB, 1_000_000_000, "host")
+        allocation["memory_mb"] * MB, int(allocation["cpu"] * 1e9), "host")
     assert runtime["endpoint"] == f"http://127.0.0.1:{runtime['port']}"
     assert_generates(model, runtime)
 
@@ -92,6 +95,7 @@ def test_ensure_runs_a_limited_labelled_container_that_generates_and_is_reaped_w
 def test_the_kernel_applies_the_limits(docker_host, db, settings, register):
     model = register(base_cpu_requirement=0.5, base_memory_requirement=384)
     runtime = lifecycle.ensure_runtime(db, model["id"], settings)
+    allocation = runtime["driver_state"]["allocation"]
     pid = docker_host.client.containers.get(runtime["container_id"]).attrs["State"]["Pid"]
 
     limits = cgroup_limits(pid)
@@ -99,7 +103,9 @@ def test_the_kernel_applies_the_limits(docker_host, db, settings, register):
     if limits is None:
         lifecycle.stop_runtime(db, runtime["id"], settings)
         pytest.skip("this kernel exposes neither cgroup v1 nor v2 limit files")
-    assert limits == {"memory_bytes": 384 * MB, "cpu_quota_us": 50_000, "cpu_period_us": 100_000}
+    assert limits == {"memory_bytes": allocation["memory_mb"] * MB,
+                      "cpu_quota_us": int(allocation["cpu"] * 100_000), "cpu_period_us": 100_000}
+    assert 0 < allocation["cpu"] < 2  # a fraction of the host's cores: a real quota, not "unlimited" (-1)
     lifecycle.stop_runtime(db, runtime["id"], settings)
 
 
