@@ -39,3 +39,19 @@ ensure_postgres() {
     echo "PostgreSQL did not become ready on 127.0.0.1:5432" >&2
     return 1
 }
+
+# The docker tests (tests/docker) need Docker, debootstrap and the model-server image: installed and
+# built here, once per machine (the image is cached by content hash), so that a failure shows early.
+# Where this works the docker tests must run; elsewhere (no root, no apt) they are skipped.
+prepare_docker_tests() {
+    if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        log "docker tests will be skipped: preparing them needs root and apt-get"
+        return
+    fi
+    log "preparing the docker tests (Docker, debootstrap, the model-server image)"
+    if "$ROOT/scripts/dockerd-test-env" install && PYTHON="$PY" "$ROOT/scripts/dockerd-test-env" build >/dev/null; then
+        export DISPATCHER_DOCKER_TESTS=required
+    else
+        log "docker tests will be skipped: preparing them failed (see above)"
+    fi
+}

@@ -74,6 +74,8 @@ class Settings:
     host_memory_mb: int = 8192
     host_gpu_count: float = 0.0
     docker_url: str = "unix:///var/run/docker.sock"
+    # The Docker network model containers join, when the orchestrator runs in a container on it.
+    docker_network: str = ""
     runtime_dir: str = str(PROJECT_ROOT / ".run" / "runtimes")
     models_dir: str = str(PROJECT_ROOT / ".run" / "models")
     default_keep_alive_s: int = 300
@@ -110,6 +112,7 @@ class Settings:
             host_memory_mb=_env_int("HOST_MEMORY_MB", cls.host_memory_mb),
             host_gpu_count=_env_float("HOST_GPU_COUNT", cls.host_gpu_count),
             docker_url=_env_str("DOCKER_URL", cls.docker_url),
+            docker_network=_env_str("DOCKER_NETWORK", cls.docker_network),
             runtime_dir=_env_str("RUNTIME_DIR", cls.runtime_dir),
             models_dir=_env_str("MODELS_DIR", cls.models_dir),
             default_keep_alive_s=_env_int("DEFAULT_KEEP_ALIVE_S", cls.default_keep_alive_s),

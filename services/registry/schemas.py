@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import string
 import uuid
 
 from marshmallow import (RAISE, Schema, ValidationError, fields, missing, post_load, validate,
@@ -79,20 +80,43 @@ class ProcessConfigSchema(_RuntimeOptions):
             raise ValidationError("Give model_path, or model_package and model_file.", "_schema")
 
 
+# What the docker driver fills into a command or environment value (runtimes/docker.py).
+DOCKER_PLACEHOLDERS = frozenset({"host", "port", "cpu", "memory_mb", "gpu", "threads", "parallel_slots"})
+
+
+def _docker_template(value: str) -> None:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError:
+        raise ValidationError("Unbalanced braces; write {{ or }} for a literal brace.") from None
+    if names - DOCKER_PLACEHOLDERS:
+        raise ValidationError(f"Unknown placeholder; use {', '.join(sorted(DOCKER_PLACEHOLDERS))}.")
+
+
+def _docker_value(max_length: int) -> fields.String:
+    return fields.String(validate=[validate.Length(max=max_length), _docker_template])
+
+
 class DockerConfigSchema(_RuntimeOptions):
-    """An image and the model name its server loads (Ollama style, `name:tag`)."""
+    """An image and the model its server loads: an Ollama image pulls `model_name` (`name:tag`);
+    an image with its own `command` (e.g. llama.cpp's server) serves the model it was built with."""
 
     image = fields.String(required=True, validate=validate.Regexp(
         r"^[a-z0-9][a-z0-9._/-]{0,199}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$"))
-    model_name = fields.String(required=True, validate=validate.Regexp(
+    model_name = fields.String(validate=validate.Regexp(
         r"^[a-z0-9][a-z0-9._/-]{0,126}(:[a-z0-9][a-z0-9._-]{0,62})?$"))
     pull = fields.Boolean(metadata={"description": "Pull the model through the server's API at start"})
-    network_mode = fields.String(validate=validate.OneOf(("host", "bridge", "none")))
+    # A server must be reachable: on the host's loopback, or through Docker's networking.
+    network_mode = fields.String(validate=validate.OneOf(("host", "bridge")))
     container_port = fields.Integer(strict=True, validate=validate.Range(1, 65535))
-    command = fields.List(fields.String(validate=validate.Length(1, 1000)), validate=validate.Length(max=64))
+    command = fields.List(_docker_value(1000), validate=validate.Length(1, 64))
     environment = fields.Dict(keys=fields.String(validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")),
-                              values=fields.String(validate=validate.Length(max=4000)),
-                              validate=validate.Length(max=64))
+                              values=_docker_value(4000), validate=validate.Length(max=64))
+
+    @validates_schema(skip_on_field_errors=False)
+    def _names_its_model(self, data: dict, **kwargs) -> None:
+        if "model_name" not in data and "command" not in data:
+            raise ValidationError("Missing data for required field.", "model_name")
 
 
 class ExternalConfigSchema(_RuntimeOptions):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import responses
@@ -44,7 +45,9 @@ def create_body(**host_config) -> dict:
     return {"ExposedPorts": {"11434/tcp": {}}, "Tty": False, "OpenStdin": False, "StdinOnce": False,
             "AttachStdin": False, "AttachStdout": False, "AttachStderr": False,
             "Env": ["OLLAMA_HOST=0.0.0.0:11434"], "Image": "ollama/ollama", "NetworkDisabled": False,
+            "Volumes": {"/root/.ollama": {}},
             "HostConfig": {"Memory": 8192 * 1024 * 1024, "NetworkMode": "default",
+                           "Binds": ["dispatcher-ollama-models:/root/.ollama:rw"],
                            "PortBindings": {"11434/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]},
                            "NanoCpus": 2_000_000_000, **host_config},
             "Labels": LABELS}
@@ -77,7 +80,8 @@ def test_start_asks_for_gpus_when_the_allocation_has_them(docker_api, driver):
 
 def test_start_with_host_networking_binds_a_free_port_on_loopback(docker_api, driver):
     model = {**MODEL, "runtime_config": {"image": "dispatcher-llm:1", "network_mode": "host",
-                                         "command": ["/venv/bin/python", "-m", "llama", "--port", "{port}"]}}
+                                         "command": ["/venv/bin/python", "-m", "llama", "--port", "{port}",
+                                                     "--host", "{host}", "--threads", "{threads}"]}}
     docker_api.post(f"{API}/containers/create", status=201, json={"Id": "c1", "Warnings": []})
     docker_api.get(f"{API}/containers/c1/json", json=inspect())
     docker_api.post(f"{API}/containers/c1/start", status=204)
@@ -85,11 +89,36 @@ def test_start_with_host_networking_binds_a_free_port_on_loopback(docker_api, dr
     launched = driver.start(RUNTIME, model, ALLOCATION)
 
     body = json.loads(docker_api.calls[1].request.body)
-    assert body["Cmd"] == ["/venv/bin/python", "-m", "llama", "--port", str(launched.port)]
+    assert body["Cmd"] == ["/venv/bin/python", "-m", "llama", "--port", str(launched.port),
+                           "--host", "127.0.0.1", "--threads", "2"]
     assert body["HostConfig"]["NetworkMode"] == "host"
     assert "PortBindings" not in body["HostConfig"] and "Env" not in body
     assert launched.endpoint == f"http://127.0.0.1:{launched.port}"
     assert launched.driver_state["network_mode"] == "host"
+
+
+def test_on_a_docker_network_the_server_is_reached_by_container_name(docker_api, settings):
+    driver = DockerDriver(replace(settings, docker_network="dispatcher"), "scope1")
+    body = create_body(NetworkMode="dispatcher")
+    del body["HostConfig"]["PortBindings"], body["ExposedPorts"]  # nothing published on the host
+    expect_start(docker_api, {**body, "NetworkingConfig": {"EndpointsConfig": {"dispatcher": {}}}})
+
+    launched = driver.start(RUNTIME, MODEL, ALLOCATION)
+
+    name = f"dispatcher-{RUNTIME['id']}"
+    assert launched == Launched(endpoint=f"http://{name}:11434", host=name, port=11434, container_id="c1",
+                                driver_state={"image": "ollama/ollama", "network_mode": "dispatcher",
+                                              "container_name": name})
+
+
+def test_an_unknown_placeholder_is_a_start_error_before_docker_is_asked(driver):
+    model = {**MODEL, "runtime_config": {"image": "dispatcher-llm:1", "command": ["serve", "--gpus={gpus}"]}}
+
+    with pytest.raises(RuntimeStartError) as raised:
+        driver.start(RUNTIME, model, ALLOCATION)
+
+    assert str(raised.value) == ("runtime_config value '--gpus={gpus}' has an unknown placeholder "
+                                 "('gpus'); known: cpu, gpu, host, memory_mb, parallel_slots, port, threads")
 
 
 def test_a_missing_image_is_a_clear_start_error(docker_api, driver):
@@ -166,6 +195,17 @@ def test_log_tail(docker_api, driver):
     docker_api.get(f"{API}/containers/c1/logs", body=b"loading\nready\n")
 
     assert driver.log_tail({"container_id": "c1"}, max_chars=6) == "ready\n"
+
+
+def test_log_tail_says_why_a_container_exited(docker_api, driver):
+    killed = inspect(status="exited")
+    killed["Config"]["Tty"] = True
+    killed["State"].update(ExitCode=137, OOMKilled=True)
+    docker_api.get(f"{API}/containers/c1/json", json=killed)
+    docker_api.get(f"{API}/containers/c1/logs", body=b"loading\n")
+
+    assert driver.log_tail({"container_id": "c1"}) == (
+        "loading\n[container exited with code 137, killed for going over its memory limit (OOMKilled)]\n")
 
 
 def test_ensure_starts_a_container_probes_it_and_pulls_the_model(docker_api, db, conn, settings, fake_server):

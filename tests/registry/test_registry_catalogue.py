@@ -108,6 +108,12 @@ def test_every_field_is_validated(client, field, value, messages):
     ("docker", {"image": "ollama/ollama"}, {"model_name": ["Missing data for required field."]}),
     ("docker", {"image": "Ollama Image", "model_name": "llama2:7b"},
      {"image": ["String does not match expected pattern."]}),
+    ("docker", {"image": "dispatcher-llm:1", "command": ["serve", "--port", "{port}", "--gpu", "{gpus}"],
+                "network_mode": "none", "environment": {"BAD NAME": "x", "OK": "{port"}},
+     {"command": {"4": ["Unknown placeholder; use cpu, gpu, host, memory_mb, parallel_slots, port, threads."]},
+      "network_mode": ["Must be one of: host, bridge."],
+      "environment": {"BAD NAME": {"key": ["String does not match expected pattern."]},
+                      "OK": {"value": ["Unbalanced braces; write {{ or }} for a literal brace."]}}}),
     ("external", {"endpoint": "file:///etc/passwd"}, {"endpoint": ["Not a valid URL."]}),
     ("external", {}, {"endpoint": ["Missing data for required field."]}),
 ])
@@ -121,6 +127,9 @@ def test_runtime_config_is_validated_for_its_driver(client, driver, config, mess
 @pytest.mark.parametrize("driver, config", [
     ("process", {"model_path": "/models/m.gguf", "threads": 2}),
     ("docker", {"image": "ollama/ollama:0.6", "model_name": "llama2:7b"}),
+    ("docker", {"image": "dispatcher-llm:0123abcd", "network_mode": "host", "model_alias": "smollm2",
+                "command": ["/venv/bin/python", "server.py", "--host", "{host}", "--port", "{port}",
+                            "--threads", "{threads}", "--json", "{{}}"], "environment": {"X": "{memory_mb}"}}),
     ("external", {"endpoint": "https://models.example.com/v1", "model_name": "gpt-x"}),
 ])
 def test_each_driver_accepts_what_it_needs(client, driver, config):

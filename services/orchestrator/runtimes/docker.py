@@ -3,6 +3,19 @@
 The image must already be on the Docker host: the driver never pulls images (a missing image is
 a clear error, not a long wait on an unreachable registry). Models inside the server are pulled
 through the server's own API by the lifecycle (`pull` for the Ollama protocol).
+
+Networking: with runtime_config `network_mode` "host" the server binds 127.0.0.1 on a free host
+port; else it listens on `container_port` (11434), reached by container name on the Docker
+network `settings.docker_network` (the orchestrator itself runs in a container there, as in
+docker-compose.yml) or, without one, published on the host's 127.0.0.1.
+
+runtime_config: `image` (default ollama/ollama, which serves the Ollama protocol on OLLAMA_HOST
+and keeps pulled models in the volume dispatcher-ollama-models); `command` and `environment`, whose
+values may name {host}, {port} and the allocation's {threads}, {parallel_slots}, {memory_mb},
+{cpu}. E.g. the llama.cpp image of scripts/dockerd-test-env, speaking the OpenAI protocol:
+{"image": "dispatcher-llm:<hash>", "network_mode": "host", "model_alias": "smollm2",
+ "command": ["/venv/bin/python", "/opt/dispatcher/llama_server.py", "--model-path",
+             "/models/smollm2.gguf", "--host", "{host}", "--port", "{port}", "--threads", "{threads}"]}
 """
 from __future__ import annotations
 
@@ -12,7 +25,7 @@ from functools import cached_property
 import docker
 import requests
 from docker.errors import DockerException, ImageNotFound, NotFound
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, EndpointConfig
 
 from services.common.config import Settings
 from services.orchestrator.runtimes.base import (Allocation, DriverError, Launched, Managed,
@@ -20,11 +33,13 @@ from services.orchestrator.runtimes.base import (Allocation, DriverError, Launch
 
 DEFAULT_IMAGE = "ollama/ollama"
 OLLAMA_PORT = 11434
+OLLAMA_MODELS_VOLUME = "dispatcher-ollama-models"
 LABEL_MANAGED = "dispatcher.managed"
 LABEL_SCOPE = "dispatcher.scope"
 LABEL_MODEL = "dispatcher.model_id"
 LABEL_RUNTIME = "dispatcher.runtime_id"
 STOP_TIMEOUT_S = 10
+MIN_API_VERSION = "1.41"  # Docker 20.10, Debian bookworm's docker.io
 _FAILURES = (DockerException, requests.RequestException)
 
 
@@ -36,6 +51,7 @@ class DockerDriver:
 
     def __init__(self, settings: Settings, scope: str) -> None:
         self.docker_url = settings.docker_url
+        self.network = settings.docker_network
         self.scope = scope
 
     @cached_property
@@ -48,14 +64,14 @@ class DockerDriver:
     def start(self, runtime: dict, model: dict, allocation: Allocation) -> Launched:
         config = model["runtime_config"]
         image = str(config.get("image") or DEFAULT_IMAGE)
-        host_network = config.get("network_mode") == "host"
-        port = free_port() if host_network else int(config.get("container_port", OLLAMA_PORT))
-        bind = "127.0.0.1" if host_network else "0.0.0.0"
-        fill = {"port": port, "host": bind}
-        command = [str(arg).format(**fill) for arg in config["command"]] if config.get("command") else None
-        environment = {key: str(value).format(**fill) for key, value in self._environment(config, image).items()}
+        name = f"dispatcher-{runtime['id']}"
+        mode = "host" if config.get("network_mode") == "host" else ("network" if self.network else "published")
+        port = free_port() if mode == "host" else int(config.get("container_port", OLLAMA_PORT))
+        fill = {**allocation, "port": port, "host": "127.0.0.1" if mode == "host" else "0.0.0.0"}
+        command = [_fill(arg, fill) for arg in config["command"]] if config.get("command") else None
+        environment = {key: _fill(value, fill) for key, value in self._environment(config, image).items()}
         options = dict(
-            name=f"dispatcher-{runtime['id']}",
+            name=name,
             detach=True,
             environment=environment,
             labels={LABEL_MANAGED: "true", LABEL_SCOPE: self.scope,
@@ -63,10 +79,16 @@ class DockerDriver:
             mem_limit=f"{allocation['memory_mb']}m",
             nano_cpus=int(allocation["cpu"] * 1_000_000_000),
         )
+        if _is_ollama(image):  # pulled models outlive the container, shared by every Ollama runtime
+            options["volumes"] = {OLLAMA_MODELS_VOLUME: {"bind": "/root/.ollama", "mode": "rw"}}
         if allocation["gpu"] > 0:
             options["device_requests"] = [DeviceRequest(count=math.ceil(allocation["gpu"]), capabilities=[["gpu"]])]
-        if host_network:
+        if mode == "host":
             options["network_mode"] = "host"
+        elif mode == "network":
+            # Reached by name from the orchestrator's own container on that network.
+            options["network"] = self.network
+            options["networking_config"] = {self.network: EndpointConfig(MIN_API_VERSION)}  # else the SDK sends {name: None}
         else:
             options["ports"] = {f"{port}/tcp": ("127.0.0.1", None)}  # Docker picks the host port
         try:
@@ -77,10 +99,11 @@ class DockerDriver:
             raise RuntimeStartError(f"image {image} is not on the Docker host; load or pull it there first") from exc
         except _FAILURES as exc:
             raise RuntimeStartError(f"Docker could not start {image}: {_explain(exc)}") from exc
-        host_port = port if host_network else _published_port(container.attrs, port)
-        return Launched(endpoint=f"http://127.0.0.1:{host_port}", port=host_port, container_id=container.id,
-                        driver_state={"image": image, "container_name": options["name"],
-                                      "network_mode": "host" if host_network else "bridge"})
+        host = name if mode == "network" else "127.0.0.1"
+        host_port = _published_port(container.attrs, port) if mode == "published" else port
+        return Launched(endpoint=f"http://{host}:{host_port}", host=host, port=host_port, container_id=container.id,
+                        driver_state={"image": image, "container_name": name,
+                                      "network_mode": {"host": "host", "network": self.network}.get(mode, "bridge")})
 
     def is_running(self, runtime: dict) -> bool:
         if not runtime.get("container_id"):
@@ -124,18 +147,40 @@ class DockerDriver:
         if not runtime.get("container_id"):
             return ""
         try:
-            logs = self.client.containers.get(runtime["container_id"]).logs(tail=100)
+            container = self.client.containers.get(runtime["container_id"])
+            logs = container.logs(tail=100).decode("utf-8", "replace")
         except _FAILURES:
             return ""
-        return logs.decode("utf-8", "replace")[-max_chars:]
+        return (logs + _exit_note(container.attrs.get("State") or {}))[-max_chars:]
 
     @staticmethod
     def _environment(config: dict, image: str) -> dict:
         if "environment" in config:
             return dict(config["environment"])
-        if image.split(":")[0].endswith("ollama/ollama"):
+        if _is_ollama(image):
             return {"OLLAMA_HOST": "{host}:{port}"}
         return {}
+
+
+def _is_ollama(image: str) -> bool:
+    return image.split(":")[0].endswith("ollama/ollama")
+
+
+def _fill(template: object, values: dict) -> str:
+    """A command or environment value with its {placeholders} filled in."""
+    try:
+        return str(template).format(**values)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise RuntimeStartError(f"runtime_config value {template!r} has an unknown placeholder "
+                                f"({exc}); known: {', '.join(sorted(values))}") from exc
+
+
+def _exit_note(state: dict) -> str:
+    """Why an exited container ended, in the words of its state (an OOM kill leaves no log line)."""
+    if state.get("Status") != "exited":
+        return ""
+    oom = ", killed for going over its memory limit (OOMKilled)" if state.get("OOMKilled") else ""
+    return f"[container exited with code {state.get('ExitCode')}{oom}]\n"
 
 
 def _published_port(attrs: dict, container_port: int) -> int:

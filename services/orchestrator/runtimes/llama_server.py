@@ -2,6 +2,9 @@
 
 Usage: python -m services.orchestrator.runtimes.llama_server --model-path FILE --port N
        [--threads T] [--parallel P] [--ctx C] [--alias NAME] [--memory-mb M]
+
+Standalone on purpose (the standard library and xllamacpp only): the docker model-server image
+(scripts/model-image/build-rootfs) copies this one file in and runs it as a script.
 """
 from __future__ import annotations
 
