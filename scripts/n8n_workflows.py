@@ -191,24 +191,24 @@ def import_workflows(client: N8nClient, files: list[Path], environ: dict[str, st
 
 # --- export -----------------------------------------------------------------------------------
 
-def file_name_for(name: str, known: dict[str, Path]) -> Path:
+def file_name_for(name: str, known: dict[str, str]) -> str:
     """The file a workflow is written to: the one that holds its name, else a slug of the name."""
     if name in known:
         return known[name]
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "workflow"
-    return WORKFLOW_DIR / f"{slug}.json"
+    return (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "workflow") + ".json"
 
 
-def export_workflows(client: N8nClient, names: list[str] | None = None, log=print) -> list[Path]:
+def export_workflows(client: N8nClient, names: list[str] | None = None, output: Path = WORKFLOW_DIR,
+                     log=print) -> list[Path]:
     """Write the named workflows (default: those with a file here) in their committed form."""
-    known = {load_workflow(path)["name"]: path for path in WORKFLOW_DIR.glob("*.json")}
+    known = {load_workflow(path)["name"]: path.name for path in WORKFLOW_DIR.glob("*.json")}
     wanted = set(names or known)
     written = []
     for summary in client.list_all("/workflows"):
         if summary["name"] not in wanted:
             continue
         workflow = client.call("GET", f"/workflows/{summary['id']}", query={"excludePinnedData": "true"})
-        path = file_name_for(workflow["name"], known)
+        path = output / file_name_for(workflow["name"], known)
         path.write_text(dump_workflow(strip_workflow(workflow)))
         written.append(path)
         log(f"exported {workflow['name']!r} to {path}")
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="also activate the schedule workflows (they then run on their own)")
     exporter = commands.add_parser("export", help="write the workflows back as stable JSON")
     exporter.add_argument("--name", action="append", help="a workflow name (repeatable)")
+    exporter.add_argument("--output", type=Path, default=WORKFLOW_DIR, help="folder (default: n8n/workflows)")
     args = parser.parse_args(argv)
 
     api_key = os.environ.get("N8N_API_KEY")
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             import_workflows(client, workflow_files(args.files), dict(os.environ), with_schedules=args.with_schedules)
         else:
-            export_workflows(client, args.name)
+            export_workflows(client, args.name, args.output)
     except N8nError as error:
         print(f"n8n: {error}", file=sys.stderr)
         return 1

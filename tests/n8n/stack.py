@@ -188,7 +188,9 @@ def start_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -
     env = {**os.environ, **N8N_QUIET, **service_env, "N8N_USER_FOLDER": str(folder), "N8N_PORT": str(port),
            "N8N_RUNNERS_BROKER_PORT": str(free_port()), "WEBHOOK_URL": f"{url}/"}
     log = processes.start("n8n", [str(N8N_BIN), "start"], env)
-    wait_until(lambda: requests.get(f"{url}/healthz/readiness", timeout=2).ok, "n8n", timeout_s=120, log=log)
+    # /healthz/readiness answers long before the public API is mounted (first start: migrations).
+    wait_until(lambda: requests.get(f"{url}/api/v1/workflows", timeout=2).status_code == 401, "n8n",
+               timeout_s=180, log=log)
     session = requests.Session()
     session.post(f"{url}/rest/owner/setup", json=OWNER, timeout=30).raise_for_status()
     session.post(f"{url}/rest/login", json={"emailOrLdapLoginId": OWNER["email"], "password": OWNER["password"]},
