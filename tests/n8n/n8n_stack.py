@@ -5,6 +5,7 @@ process group; readiness is polled, never slept on.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -99,10 +100,13 @@ class Stack:
         return {**{f"{name.upper()}_URL": url for name, url in self.urls.items()},
                 "DISPATCHER_API_TOKEN": self.token}
 
-    def session(self) -> requests.Session:
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {self.token}"
-        return session
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def call(self, method: str, service: str, path: str, **kwargs) -> requests.Response:
+        """One authenticated call to a service."""
+        return requests.request(method, self.urls[service] + path, headers=self.headers, timeout=120, **kwargs)
 
 
 def start_stack(processes: Processes, database_url: str, workdir: Path) -> Stack:
@@ -128,12 +132,10 @@ def start_stack(processes: Processes, database_url: str, workdir: Path) -> Stack
 
 def stop_runtimes(stack: Stack) -> None:
     """Stop the model servers the orchestrator started (they outlive gunicorn by design)."""
-    session = stack.session()
     try:
-        running = session.get(f"{stack.urls['orchestrator']}/runtimes", timeout=10).json()["items"]
-        for runtime in running:
+        for runtime in stack.call("GET", "orchestrator", "/runtimes").json()["items"]:
             if runtime["status"] not in ("stopped", "error"):
-                session.delete(f"{stack.urls['orchestrator']}/runtimes/{runtime['id']}", timeout=60)
+                stack.call("DELETE", "orchestrator", f"/runtimes/{runtime['id']}")
     except requests.RequestException:
         pass
     # Whatever is still recorded on disk (an orchestrator that died mid-start, say).
@@ -154,23 +156,25 @@ class N8n:
     url: str
     env: dict[str, str]
     api_key: str = ""
+    import_output: str = ""
 
-    def api(self) -> requests.Session:
-        session = requests.Session()
-        session.headers["X-N8N-API-KEY"] = self.api_key
-        return session
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One call to n8n's public API."""
+        return requests.request(method, f"{self.url}/api/v1{path}", headers={"X-N8N-API-KEY": self.api_key},
+                                timeout=30, **kwargs)
 
     def webhook(self, path: str, body, timeout_s: float = 300.0) -> requests.Response:
         return requests.post(f"{self.url}/webhook/{path}", json=body, timeout=timeout_s)
 
     def workflow_id(self, name: str) -> str:
-        found = self.api().get(f"{self.url}/api/v1/workflows", params={"name": name}, timeout=10).json()["data"]
+        found = self.api("GET", "/workflows", params={"name": name}).json()["data"]
         assert len(found) == 1, f"workflow {name!r}: {found}"
         return found[0]["id"]
 
     def execute(self, name: str, timeout_s: float = 180.0) -> dict:
         """Run a workflow once with `n8n execute` (from its Manual Trigger); the run's data by node."""
-        env = {**self.env, "N8N_RUNNERS_BROKER_PORT": str(free_port())}
+        # Its own task broker port (n8n start holds one); info level, as the result is logged at info.
+        env = {**self.env, "N8N_RUNNERS_BROKER_PORT": str(free_port()), "N8N_LOG_LEVEL": "info"}
         out = Path(self.env["N8N_USER_FOLDER"]) / "execute.out"
         with out.open("wb") as stdout:
             completed = subprocess.run(
@@ -178,7 +182,8 @@ class N8n:
                  "--rawOutput"], env=env, cwd=ROOT, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         text = out.read_text()
         assert completed.returncode == 0, text[-3000:]
-        return json.loads(text[text.index("{"):])
+        # Log lines come first; the run is the indented JSON document that ends the output.
+        return json.loads(text[text.index("\n{\n"):])["data"]["resultData"]
 
 
 def start_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -> N8n:
@@ -191,11 +196,26 @@ def start_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -
     # /healthz/readiness answers long before the public API is mounted (first start: migrations).
     wait_until(lambda: requests.get(f"{url}/api/v1/workflows", timeout=2).status_code == 401, "n8n",
                timeout_s=180, log=log)
-    session = requests.Session()
-    session.post(f"{url}/rest/owner/setup", json=OWNER, timeout=30).raise_for_status()
-    session.post(f"{url}/rest/login", json={"emailOrLdapLoginId": OWNER["email"], "password": OWNER["password"]},
-                 timeout=30).raise_for_status()
-    created = session.post(f"{url}/rest/api-keys", json={"label": "dispatcher tests", "scopes": ["workflow:read"],
-                                                          "expiresAt": None}, timeout=30)
-    created.raise_for_status()
+    with requests.Session() as session:   # the login cookie
+        session.post(f"{url}/rest/owner/setup", json=OWNER, timeout=30).raise_for_status()
+        session.post(f"{url}/rest/login", json={"emailOrLdapLoginId": OWNER["email"], "password": OWNER["password"]},
+                     timeout=30).raise_for_status()
+        # Without an API-key-scopes licence n8n grants the owner's full scopes, whatever is asked.
+        created = session.post(f"{url}/rest/api-keys", json={"label": "dispatcher tests", "scopes": ["workflow:read"],
+                                                              "expiresAt": None}, timeout=30)
+        created.raise_for_status()
     return N8n(url=url, env=env, api_key=created.json()["data"]["rawApiKey"])
+
+
+def workflow_tool():
+    """scripts/n8n_workflows.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("n8n_workflows", ROOT / "scripts" / "n8n_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run scripts/<name> as a user would, with these extra environment variables."""
+    return subprocess.run([str(ROOT / "scripts" / name), *args], env={**os.environ, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
