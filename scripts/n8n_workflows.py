@@ -1,7 +1,7 @@
 """Import the dispatcher's n8n workflows into an n8n, or export them back as stable JSON.
 
-    scripts/n8n-import [--with-schedules] [FILE ...]   create or update workflows and credentials
-    scripts/n8n-export [--name NAME ...]               write n8n/workflows/<verb_noun>.json
+    scripts/n8n-import [--with-schedules] [FILE ...]     create or update workflows and credentials
+    scripts/n8n-export [--name NAME ...] [--output DIR]  write n8n/workflows/<verb_noun>.json
 
 Both talk to n8n's public API: N8N_URL (default http://127.0.0.1:5678) and N8N_API_KEY (create
 one in n8n under Settings > n8n API). The import creates the credentials from the environment
@@ -155,9 +155,9 @@ def upsert_credentials(client: N8nClient, environ: dict[str, str]) -> dict[str, 
     """Create or update the two credentials; their ids by type."""
     existing = {(c["type"], c["name"]): c["id"] for c in client.list_all("/credentials")}
     ids = {}
-    for (credential_type, name), data in zip((API_CREDENTIAL, OLLAMA_CREDENTIAL),
-                                              credential_data(environ).values()):
-        body = {"name": name, "type": credential_type, "data": data}
+    data = credential_data(environ)
+    for credential_type, name in (API_CREDENTIAL, OLLAMA_CREDENTIAL):
+        body = {"name": name, "type": credential_type, "data": data[credential_type]}
         if (credential_type, name) in existing:
             credential_id = existing[(credential_type, name)]
             client.call("PATCH", f"/credentials/{credential_id}", body)
