@@ -55,3 +55,37 @@ prepare_docker_tests() {
         log "docker tests will be skipped: preparing them failed (see above)"
     fi
 }
+
+# The pinned n8n that tests/n8n runs (n8n/package.json + package-lock.json), in n8n/node_modules.
+# `npm ci` takes minutes (sqlite3 compiles), so a compressed copy keyed by the lockfile's hash is
+# kept outside the repo and extracted (~11 s) when the lockfile has not changed.
+N8N_CACHE_DIR="${N8N_CACHE_DIR:-/var/cache/dispatcher-n8n}"
+
+ensure_n8n_harness() {
+    local dir="$ROOT/n8n" stamp="$ROOT/n8n/node_modules/.lockfile-sha256" want archive pack unpack
+    want="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+    [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && return
+    command -v npm >/dev/null || { echo "npm (Node.js 20) is needed for the n8n harness" >&2; return 1; }
+    mkdir -p "$N8N_CACHE_DIR"
+    if command -v zstd >/dev/null; then
+        archive="$N8N_CACHE_DIR/$want.tar.zst" pack="zstd -T0 -3" unpack="zstd -d"
+    else
+        archive="$N8N_CACHE_DIR/$want.tar.gz" pack="gzip -1" unpack="gzip -d"
+    fi
+    (
+        flock 9     # one install at a time; a second caller finds it done
+        [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && exit 0
+        rm -rf "$dir/node_modules"
+        if [[ -f "$archive" ]]; then
+            log "extracting the n8n harness from $archive"
+            tar -C "$dir" -I "$unpack" -xf "$archive"
+        else
+            log "installing the n8n harness (npm ci, about 4-8 minutes)"
+            # sqlite3 compiles from source against the local Node headers.
+            [[ -f /usr/include/node/node.h ]] && export npm_config_nodedir="${npm_config_nodedir:-/usr}"
+            (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+            tar -C "$dir" -I "$pack" -cf "$archive.partial" node_modules && mv "$archive.partial" "$archive"
+        fi
+        echo "$want" > "$stamp"
+    ) 9>"$N8N_CACHE_DIR/.lock"
+}

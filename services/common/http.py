@@ -22,11 +22,12 @@ class TimeoutSession(requests.Session):
 
 def http_session(*, timeout_s: float = 10.0, retries: int = 2, backoff_s: float = 0.2,
                  retry_methods: frozenset[str] = IDEMPOTENT_METHODS,
+                 retry_statuses: tuple[int, ...] = (502, 503, 504),
                  token: str = "", pool_size: int = 32) -> TimeoutSession:
     """A session for calling the other services and model servers.
 
-    Retries connection failures and 502/503/504 for idempotent methods only, so a POST that
-    reached a model server is never sent twice.
+    Retries connection failures and `retry_statuses` (502/503/504) for idempotent methods only,
+    so a POST that reached a model server is never sent twice.
     """
     retry = Retry(
         total=retries,
@@ -34,7 +35,7 @@ def http_session(*, timeout_s: float = 10.0, retries: int = 2, backoff_s: float 
         read=retries,
         status=retries,
         backoff_factor=backoff_s,
-        status_forcelist=(502, 503, 504),
+        status_forcelist=retry_statuses,
         allowed_methods=retry_methods,
         raise_on_status=False,
         respect_retry_after_header=True,

@@ -206,8 +206,11 @@ def _call_back(row: dict, body: dict) -> None:
 
 @lru_cache(maxsize=1)
 def _callback_session():
-    # POST is retried only when the connection failed before anything was sent.
-    return http_session(timeout_s=10.0, retries=2, retry_methods=frozenset())
+    # A fast answer can arrive before an n8n Wait node is waiting: n8n then answers 409 ("is running
+    # already"). Retried with backoff (about 8 s in all), as are 502/503/504; a receiver that was
+    # already resumed answers 409 to a repeat, so a repeat does no harm.
+    return http_session(timeout_s=10.0, retries=5, backoff_s=0.25, retry_methods=frozenset({"POST"}),
+                        retry_statuses=(409, 502, 503, 504))
 
 
 def dispatch(db: Database, settings: Settings, request_id: str, request: DispatchRequest, *,

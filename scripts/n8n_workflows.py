@@ -1,0 +1,246 @@
+"""Import the dispatcher's n8n workflows into an n8n, or export them back as stable JSON.
+
+    scripts/n8n-import [--with-schedules] [FILE ...]     create or update workflows and credentials
+    scripts/n8n-export [--name NAME ...] [--output DIR]  write n8n/workflows/<verb_noun>.json
+
+Both talk to n8n's public API: N8N_URL (default http://127.0.0.1:5678) and N8N_API_KEY (create
+one in n8n under Settings > n8n API). The import creates the credentials from the environment
+(DISPATCHER_API_TOKEN, ORCHESTRATOR_URL), so no secret or credential id is ever in a workflow
+file. Standard library only: it runs with any Python 3.11.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "n8n" / "workflows"
+# Node ids and webhook ids are derived from the workflow and node names, so files diff cleanly.
+ID_NAMESPACE = uuid.UUID("6f1c1d4e-2b7a-4c55-9a1e-0d5e8f3b7c21")
+GRID = 20
+
+# Credentials by type: the name nodes refer to and the data, from the environment.
+API_CREDENTIAL = ("httpHeaderAuth", "Dispatcher API")
+OLLAMA_CREDENTIAL = ("ollamaApi", "Dispatcher Ollama front door")
+
+WEBHOOK_TYPE = "n8n-nodes-base.webhook"
+SCHEDULE_TYPE = "n8n-nodes-base.scheduleTrigger"
+TOP_LEVEL_KEYS = ("name", "nodes", "connections", "settings")
+NODE_KEYS = ("id", "name", "type", "typeVersion", "position", "parameters", "webhookId",
+             "onError", "alwaysOutputData", "retryOnFail", "maxTries", "waitBetweenTries",
+             "executeOnce", "disabled", "notes", "notesInFlow")
+
+
+class N8nError(RuntimeError):
+    """n8n refused a call or could not be reached."""
+
+
+class N8nClient:
+    """The few calls of n8n's public API (v1) this script needs."""
+
+    def __init__(self, base_url: str, api_key: str, timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/") + "/api/v1"
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+
+    def call(self, method: str, path: str, body: dict | None = None, query: dict | None = None) -> dict:
+        url = self.base_url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method, headers={
+            "X-N8N-API-KEY": self.api_key, "Accept": "application/json",
+            **({"Content-Type": "application/json"} if data is not None else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            raise N8nError(f"{method} {path}: {error.code} {error.read().decode(errors='replace')[:500]}") from None
+        except urllib.error.URLError as error:
+            raise N8nError(f"{method} {path}: {error.reason}") from None
+        return json.loads(raw) if raw else {}
+
+    def list_all(self, path: str, query: dict | None = None) -> list[dict]:
+        items, cursor = [], None
+        while True:
+            page = self.call("GET", path, query={**(query or {}), "limit": 250, **({"cursor": cursor} if cursor else {})})
+            items += page.get("data", [])
+            cursor = page.get("nextCursor")
+            if not cursor:
+                return items
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def load_workflow(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def dump_workflow(workflow: dict) -> str:
+    """The committed form: sorted keys, two-space indent, a final newline."""
+    return json.dumps(workflow, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def workflow_files(names: list[str] | None = None) -> list[Path]:
+    files = [Path(name) for name in names] if names else sorted(WORKFLOW_DIR.glob("*.json"))
+    if not files:
+        raise SystemExit(f"no workflow files in {WORKFLOW_DIR}")
+    return files
+
+
+def stable_id(workflow_name: str, node_name: str, kind: str = "node") -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, f"{kind}/{workflow_name}/{node_name}"))
+
+
+def strip_workflow(workflow: dict) -> dict:
+    """A workflow as n8n returns it, reduced to what is committed: no ids, credentials or state."""
+    name = workflow["name"]
+    nodes = []
+    for node in sorted(workflow["nodes"], key=lambda n: n["name"]):
+        kept = {key: node[key] for key in NODE_KEYS if key in node}
+        kept["id"] = stable_id(name, node["name"])
+        if "webhookId" in node:
+            kept["webhookId"] = stable_id(name, node["name"], "webhook")
+        kept["position"] = [round(v / GRID) * GRID for v in node.get("position", [0, 0])]
+        nodes.append(kept)
+    settings = {"executionOrder": workflow.get("settings", {}).get("executionOrder", "v1")}
+    return {"name": name, "nodes": nodes, "connections": workflow["connections"], "settings": settings}
+
+
+def with_credentials(workflow: dict, credential_ids: dict[str, tuple[str, str]]) -> dict:
+    """The workflow with each node that authenticates pointed at the imported credential."""
+    nodes = []
+    for node in workflow["nodes"]:
+        credential_type = credential_type_of(node)
+        if credential_type:
+            credential_id, credential_name = credential_ids[credential_type]
+            node = {**node, "credentials": {credential_type: {"id": credential_id, "name": credential_name}}}
+        nodes.append(node)
+    return {**{key: workflow[key] for key in TOP_LEVEL_KEYS}, "nodes": nodes}
+
+
+def credential_type_of(node: dict) -> str | None:
+    """The credential type a node needs (None when it needs none)."""
+    if node["type"] == "@n8n/n8n-nodes-langchain.lmChatOllama":
+        return OLLAMA_CREDENTIAL[0]
+    parameters = node.get("parameters", {})
+    if parameters.get("authentication") == "genericCredentialType":
+        return parameters.get("genericAuthType")
+    return None
+
+
+def has_trigger(workflow: dict, node_type: str) -> bool:
+    return any(node["type"] == node_type for node in workflow["nodes"])
+
+
+# --- import -----------------------------------------------------------------------------------
+
+def credential_data(environ: dict[str, str]) -> dict[str, dict]:
+    """What each credential holds, taken from the environment."""
+    token = environ.get("DISPATCHER_API_TOKEN", "")
+    orchestrator = environ.get("ORCHESTRATOR_URL", "http://127.0.0.1:8102").rstrip("/")
+    return {
+        # Without a token the services ignore the header; n8n needs a non-empty value.
+        API_CREDENTIAL[0]: {"name": "Authorization", "value": f"Bearer {token or 'none'}"},
+        OLLAMA_CREDENTIAL[0]: {"baseUrl": orchestrator, "apiKey": token},
+    }
+
+
+def upsert_credentials(client: N8nClient, environ: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Create or update the two credentials; their ids by type."""
+    existing = {(c["type"], c["name"]): c["id"] for c in client.list_all("/credentials")}
+    ids = {}
+    data = credential_data(environ)
+    for credential_type, name in (API_CREDENTIAL, OLLAMA_CREDENTIAL):
+        body = {"name": name, "type": credential_type, "data": data[credential_type]}
+        if (credential_type, name) in existing:
+            credential_id = existing[(credential_type, name)]
+            client.call("PATCH", f"/credentials/{credential_id}", body)
+        else:
+            credential_id = client.call("POST", "/credentials", body)["id"]
+        ids[credential_type] = (credential_id, name)
+    return ids
+
+
+def import_workflows(client: N8nClient, files: list[Path], environ: dict[str, str], *,
+                     with_schedules: bool = False, log=print) -> dict[str, str]:
+    """Create or update every workflow (matched by name) and activate the triggered ones; ids by name."""
+    credential_ids = upsert_credentials(client, environ)
+    existing = {w["name"]: w for w in client.list_all("/workflows")}
+    ids = {}
+    for path in files:
+        workflow = with_credentials(load_workflow(path), credential_ids)
+        current = existing.get(workflow["name"])
+        if current:
+            saved = client.call("PUT", f"/workflows/{current['id']}", workflow)
+        else:
+            saved = client.call("POST", "/workflows", workflow)
+        ids[workflow["name"]] = saved["id"]
+        activate = has_trigger(workflow, WEBHOOK_TYPE) or (with_schedules and has_trigger(workflow, SCHEDULE_TYPE))
+        if activate:
+            client.call("POST", f"/workflows/{saved['id']}/activate")
+        log(f"{'updated' if current else 'created'} {workflow['name']!r} ({saved['id']})"
+            f"{', active' if activate else ''}")
+    return ids
+
+
+# --- export -----------------------------------------------------------------------------------
+
+def file_name_for(name: str, known: dict[str, str]) -> str:
+    """The file a workflow is written to: the one that holds its name, else a slug of the name."""
+    if name in known:
+        return known[name]
+    return (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "workflow") + ".json"
+
+
+def export_workflows(client: N8nClient, names: list[str] | None = None, output: Path = WORKFLOW_DIR,
+                     log=print) -> list[Path]:
+    """Write the named workflows (default: those with a file here) in their committed form."""
+    known = {load_workflow(path)["name"]: path.name for path in WORKFLOW_DIR.glob("*.json")}
+    wanted = set(names or known)
+    written = []
+    for summary in client.list_all("/workflows"):
+        if summary["name"] not in wanted:
+            continue
+        workflow = client.call("GET", f"/workflows/{summary['id']}", query={"excludePinnedData": "true"})
+        path = output / file_name_for(workflow["name"], known)
+        path.write_text(dump_workflow(strip_workflow(workflow)))
+        written.append(path)
+        log(f"exported {workflow['name']!r} to {path}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    importer = commands.add_parser("import", help="create or update the workflows and credentials")
+    importer.add_argument("files", nargs="*", help="workflow files (default: n8n/workflows/*.json)")
+    importer.add_argument("--with-schedules", action="store_true",
+                          help="also activate the schedule workflows (they then run on their own)")
+    exporter = commands.add_parser("export", help="write the workflows back as stable JSON")
+    exporter.add_argument("--name", action="append", help="a workflow name (repeatable)")
+    exporter.add_argument("--output", type=Path, default=WORKFLOW_DIR, help="folder (default: n8n/workflows)")
+    args = parser.parse_args(argv)
+
+    api_key = os.environ.get("N8N_API_KEY")
+    if not api_key:
+        parser.error("set N8N_API_KEY (n8n: Settings > n8n API > Create an API key)")
+    client = N8nClient(os.environ.get("N8N_URL", "http://127.0.0.1:5678"), api_key)
+    try:
+        if args.command == "import":
+            import_workflows(client, workflow_files(args.files), dict(os.environ), with_schedules=args.with_schedules)
+        else:
+            export_workflows(client, args.name, args.output)
+    except N8nError as error:
+        print(f"n8n: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

