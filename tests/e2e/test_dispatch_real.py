@@ -74,7 +74,7 @@ def wait_ready(url: str) -> None:
         try:
             if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused, or too busy to answer yet
             pass
         assert time.monotonic() < deadline, f"{url} never became ready"
         time.sleep(0.1)

@@ -96,7 +96,7 @@ def test_dispatch_in_one_call_answers_with_the_decision(n8n: N8n, stack_db):
     body = response.json()
     assert body == {
         "request_id": response.headers["X-Request-ID"], "status": "completed", "response": ANY, "raw": ANY,
-        "valid": True, "output_format": "text", "model": SMOLLM2, "runtime_id": ANY,
+        "valid": True, "output_format": "text", "finish_reason": ANY, "model": SMOLLM2, "runtime_id": ANY,
         "template": {"id": ANY, "task_type": "question-answering", "model_family": "smollm2", "version": 1},
         "timings": ANY, "tokens": {"input": ANY, "output": ANY, "per_second": ANY}, "attempts": [ANY],
         "decision": ANY,
