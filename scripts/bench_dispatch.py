@@ -384,7 +384,7 @@ def main() -> int:
     ports = {name: free_port() for name in ("backend", "fake", "orchestrator", "litellm")}
     base_env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
     service_env = {**base_env, "DATABASE_URL": url, "RUNTIME_DRIVERS": "external", "DISPATCHER_API_TOKEN": "",
-                   "LOG_LEVEL": "WARNING", "DB_POOL_MAX_SIZE": str(args.web_threads + 2)}
+                   "DB_POOL_MAX_SIZE": str(args.web_threads + 2)}
     # No database (so no Prisma), no cost map download, no telemetry.
     litellm_env = {**base_env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
                    "LITELLM_LOG": "ERROR", "NO_PROXY": "127.0.0.1,localhost"}

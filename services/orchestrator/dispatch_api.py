@@ -30,7 +30,7 @@ class Dispatch(MethodView):
         request_id = dispatch_request_id()
         db = get_db()
         if run_async:
-            with db.connection() as conn:
+            with db.connection(autocommit=True) as conn:
                 request_queue.enqueue(conn, request_id=request_id, payload=body, task_type=body["task_type"],
                                       priority=body["priority"], mode="async", callback_url=body["callback_url"])
             status_url = url_for("dispatch.RequestStatus", request_id=request_id)
@@ -39,7 +39,7 @@ class Dispatch(MethodView):
                 {"request_id": request_id, "status": "pending", "status_url": status_url}))
             return accepted, 202, {"Location": status_url}
         owner = request_queue.lease_owner()
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:
             row = request_queue.enqueue(conn, request_id=request_id, payload=body, task_type=body["task_type"],
                                         priority=body["priority"], mode="sync", callback_url=body["callback_url"],
                                         lease_owner=owner, lease_seconds=request_queue.LEASE_SECONDS)

@@ -130,7 +130,7 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
     queue_wait_ms = max(0.0, (row["started_at"] - row["created_at"]).total_seconds() * 1000)
 
     def note_attempt(attempt: Attempt) -> None:
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:
             request_queue.assign(conn, request_id, owner=owner, model_id=attempt.model_id,
                                  runtime_id=attempt.runtime_id)
 
@@ -140,14 +140,14 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
                               queue_wait_ms=queue_wait_ms, on_attempt=note_attempt)
     except Exception as error:
         details = _error_details(error)
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:
             recorded = request_queue.fail(conn, request_id, owner=owner, error_details=details)
         if recorded:
             _call_back(row, {"request_id": request_id, "status": "failed", "error": details})
         if raise_problem or not isinstance(error, Problem):
             raise
         return None
-    with db.connection() as conn:
+    with db.connection(autocommit=True) as conn:
         recorded = request_queue.complete(conn, request_id, owner=owner, result=result)
     if recorded:
         _call_back(row, result)
@@ -156,27 +156,54 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
     return result
 
 
-@contextmanager
-def lease_kept_alive(db: Database, request_id: str, owner: str) -> Iterator[None]:
-    """Renew the request's lease while the block runs, so only a dead owner's lease lapses."""
-    done = threading.Event()
+class LeaseRenewer:
+    """Renews the leases of the requests this process runs, so only a dead owner's lease lapses.
 
-    def renew() -> None:
-        while not done.wait(request_queue.LEASE_RENEW_S):
-            try:
-                with db.connection() as conn:
-                    request_queue.renew_lease(conn, request_id, owner=owner,
-                                              lease_seconds=request_queue.LEASE_SECONDS)
-            except Exception:
-                logger.warning("could not renew a lease", extra={"dispatch_id": request_id})
+    One thread per process, one UPDATE per database every LEASE_RENEW_S for all of them: a
+    thread per request would cost more than an instant model's whole answer.
+    """
 
-    thread = threading.Thread(target=renew, name=f"lease-{request_id[:8]}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
+    def __init__(self) -> None:
+        self._leases: dict[tuple[str, str], Database] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def kept(self, db: Database, request_id: str, owner: str) -> Iterator[None]:
+        """Keep the lease alive while the block runs."""
+        key = (request_id, owner)
+        with self._lock:
+            self._leases[key] = db
+            if self._thread is None or not self._thread.is_alive():  # first use, or after a fork
+                self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._leases[key]
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(request_queue.LEASE_RENEW_S)
+            with self._lock:
+                by_database: dict[int, tuple[Database, list[tuple[str, str]]]] = {}
+                for key, db in self._leases.items():
+                    by_database.setdefault(id(db), (db, []))[1].append(key)
+            for db, leases in by_database.values():
+                try:
+                    with db.connection(autocommit=True) as conn:
+                        request_queue.renew_leases(conn, leases, lease_seconds=request_queue.LEASE_SECONDS)
+                except Exception:
+                    logger.warning("could not renew leases", extra={"leases": len(leases)}, exc_info=True)
+
+
+_lease_renewer = LeaseRenewer()
+
+
+def lease_kept_alive(db: Database, request_id: str, owner: str):
+    """Renew the request's lease while the block runs (a context manager)."""
+    return _lease_renewer.kept(db, request_id, owner)
 
 
 def _error_details(error: Exception) -> dict:
@@ -209,7 +236,7 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
     if request.model:
         selection = pinned_selection(db, request)
     else:
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:  # reads only
             selection = select_models(conn, selection_request(request), settings)
     selection_ms = _ms_since(started)
 
@@ -246,7 +273,7 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
         if request.model:
             selection = pinned_selection(db, request)
         else:
-            with db.connection() as conn:
+            with db.connection(autocommit=True) as conn:
                 selection = select_models(conn, selection_request(request), settings)
     except Exception as error:
         _record_failure(db, row, owner, error)
@@ -260,7 +287,7 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
             outcome = Outcome(attempt=attempt)
             started, streaming, text = time.perf_counter(), False, []
             try:
-                with db.connection() as conn:
+                with db.connection(autocommit=True) as conn:
                     outcome.built = build_prompt(conn, prompt_request(request, candidate.model))
                 with leased_runtime(db, candidate.model["id"], settings) as runtime:
                     outcome.ensure_ms = _ms_since(started)
@@ -292,7 +319,7 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
                       "model": {"id": attempt.model_id, "name": candidate.model["name"],
                                 "version": candidate.model["version"]},
                       "runtime_id": attempt.runtime_id, "attempts": [asdict(a) for a in attempts]}
-            with db.connection() as conn:
+            with db.connection(autocommit=True) as conn:
                 request_queue.complete(conn, request_id, owner=owner, result=result)
             tokens = {"input": generation.input_tokens if generation else None,
                       "output": generation.output_tokens if generation else None}
@@ -306,7 +333,7 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
 
 
 def _record_failure(db: Database, row: dict, owner: str, error: Exception) -> None:
-    with db.connection() as conn:
+    with db.connection(autocommit=True) as conn:
         request_queue.fail(conn, str(row["id"]), owner=owner, error_details=_error_details(error))
 
 
@@ -335,7 +362,7 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
     outcome = Outcome(attempt=attempt)
     started = time.perf_counter()
     try:
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:  # one read
             outcome.built = build_prompt(conn, prompt_request(request, model))
         with leased_runtime(db, model["id"], settings) as runtime:
             outcome.ensure_ms = _ms_since(started)
@@ -427,7 +454,7 @@ def _log_attempt(db: Database, request_id: str, request: DispatchRequest, outcom
         "error_message": (attempt.error or "")[:5000] or None,
     }
     try:
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:
             log_performance(conn, row)
     except Exception:  # a lost log row must not lose the answer
         logger.exception("could not log a performance row", extra={"dispatch_id": request_id})

@@ -58,7 +58,7 @@ class WorkerPool:
     def run_once(self) -> bool:
         """Claim and run one request; False when the queue was empty."""
         owner = request_queue.lease_owner()
-        with self.db.connection() as conn:
+        with self.db.connection(autocommit=True) as conn:
             row = request_queue.claim_next(conn, owner=owner, lease_seconds=request_queue.LEASE_SECONDS)
         if row is None:
             return False
