@@ -6,8 +6,13 @@ no model), the orchestrator under gunicorn (gthread) with only that backend elig
 the worker process. It prints, for each path: sequential p50/p99 and the latency it adds over a
 direct call to the backend, and requests/s at --concurrency clients; then the queue's end-to-end
 rate for --jobs async requests, checking that none was lost and none ran twice. It creates its
-own database and drops it at the end. Every process shares this machine's cores with the load
-generator, so the figures are an upper bound on the overhead, not a production measurement.
+own database and drops it at the end.
+
+Fair play: the orchestrator and LiteLLM (under gunicorn too, no database, no telemetry, local cost
+map) get the same number of worker processes; the load generator is a lean asyncio client on
+kept-alive connections. Every process shares this machine's cores with Postgres and the load
+generator, so the figures bound the overhead from above; they are not a production measurement.
+LiteLLM lives in a venv of its own (--litellm-venv, created and installed on first use).
 
 Usage: python scripts/bench_dispatch.py [--requests 500] [--concurrency 32] [--jobs 5000]
        [--web-workers 2] [--web-threads 8] [--queue-workers 8] [--litellm-venv PATH]
@@ -20,12 +25,10 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -151,14 +154,15 @@ class Target:
     body: dict
     headers: dict[str, str] = field(default_factory=dict)
     expect: int = 200
+    method: str = "POST"
 
     @property
     def payload(self) -> bytes:
-        return json.dumps(self.body).encode()
+        return json.dumps(self.body).encode() if self.method == "POST" else b""
 
 
 async def _call(connection: Connection, target: Target, payload: bytes) -> None:
-    status, answer = await connection.request("POST", target.path, payload)
+    status, answer = await connection.request(target.method, target.path, payload)
     if status != target.expect:
         raise RuntimeError(f"{target.label} answered {status}: {answer[:300]!r}")
 
@@ -299,21 +303,24 @@ def create_database(url: str, backend_port: int) -> None:
             (name, version, json.dumps({"endpoint": f"http://127.0.0.1:{backend_port}", "model_alias": "fake"})))
 
 
-def queue_report(url: str) -> dict:
-    """The async requests' outcomes: statuses, reruns and performance rows per request."""
+def queue_statuses(url: str) -> dict[str, int]:
     with connect(url, autocommit=True) as conn:
-        statuses = {row["status"]: row["n"] for row in conn.execute(
+        return {row["status"]: row["n"] for row in conn.execute(
             "SELECT status, count(*) AS n FROM request_queue WHERE mode = 'async' GROUP BY status")}
-        checks = conn.execute("""
+
+
+def queue_checks(url: str) -> dict:
+    """Of the async requests: how many ran more than once, how many lack exactly one performance
+    row, and the time from the first enqueued to the last completed."""
+    with connect(url, autocommit=True) as conn:
+        return conn.execute("""
             SELECT count(*) FILTER (WHERE q.attempts <> 1) AS rerun,
                    count(*) FILTER (WHERE coalesce(p.n, 0) <> 1) AS not_one_log,
-                   extract(epoch FROM max(q.completed_at) - min(q.created_at)) AS span_s,
-                   extract(epoch FROM max(q.created_at) - min(q.created_at)) AS enqueue_span_s
+                   extract(epoch FROM max(q.completed_at) - min(q.created_at))::float8 AS span_s
             FROM request_queue q
             LEFT JOIN (SELECT request_id, count(*) AS n FROM performance_logs GROUP BY request_id) p
                    ON p.request_id = q.id
             WHERE q.mode = 'async'""").fetchone()
-    return {"statuses": statuses, **checks}
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -328,12 +335,13 @@ def measure_queue(url: str, target: Target, jobs: int, concurrency: int, deadlin
     started = time.perf_counter()
     enqueue_rate = asyncio.run(throughput(target, concurrency, jobs, warmup=0))
     while time.perf_counter() - started < deadline_s:
-        report = queue_report(url)
-        if sum(n for status, n in report["statuses"].items() if status in ("completed", "failed")) >= jobs:
+        statuses = queue_statuses(url)
+        if statuses.get("completed", 0) + statuses.get("failed", 0) >= jobs:
             break
-        time.sleep(0.1)
-    completed = report["statuses"].get("completed", 0)
-    return {**report, "enqueue_rate": enqueue_rate, "completed": completed, "lost": jobs - completed}
+        time.sleep(0.2)
+    completed = statuses.get("completed", 0)
+    return {"statuses": statuses, **queue_checks(url), "enqueue_rate": enqueue_rate, "completed": completed,
+            "lost": jobs - completed}
 
 
 @dataclass
@@ -419,6 +427,8 @@ def main() -> int:
             orchestrator, bearer = ports["orchestrator"], {"Authorization": f"Bearer {LITELLM_KEY}"}
             fake = Target("direct call to tests/fake_model_server.py", ports["fake"], "/v1/chat/completions", CHAT)
             direct = Target("direct call to the instant backend", ports["backend"], "/v1/chat/completions", CHAT)
+            floor = Target("GET /healthz of the orchestrator (Flask floor)", orchestrator, "/healthz", {},
+                           method="GET")
             dispatch = Target("POST /dispatch", orchestrator, "/dispatch", DISPATCH)
             auto = Target("POST /v1/chat/completions (auto)", orchestrator, "/v1/chat/completions",
                           {**CHAT, "model": "auto"})
@@ -426,7 +436,7 @@ def main() -> int:
                             {**CHAT, "model": MODEL})
             litellm_proxy = Target("LiteLLM proxy /v1/chat/completions", ports["litellm"], "/v1/chat/completions",
                                    CHAT, bearer)
-            rows = measure_paths([fake, direct, dispatch, auto, pinned, litellm_proxy], direct,
+            rows = measure_paths([fake, direct, floor, dispatch, auto, pinned, litellm_proxy], direct,
                                  {direct.label, dispatch.label, auto.label, litellm_proxy.label}, args)
 
             start("worker", [sys.executable, "-m", "services.orchestrator.worker",

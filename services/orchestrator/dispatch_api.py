@@ -21,7 +21,7 @@ blp = Blueprint("dispatch", __name__, description="Dispatch a request to the bes
 
 @blp.route("/dispatch")
 class Dispatch(MethodView):
-    @blp.arguments(DispatchSchema)
+    @blp.arguments(DispatchSchema())  # an instance: webargs would build one per request from a class
     @blp.response(200, DispatchResultSchema)
     @blp.alt_response(202, schema=AcceptedSchema, description="Queued (async or Prefer: respond-async)")
     def post(self, body):
