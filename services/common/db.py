@@ -1,8 +1,9 @@
 """One connection pool per process; a `Database` hands out connections that commit or roll back."""
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Protocol
 
 import psycopg
@@ -12,9 +13,13 @@ from psycopg_pool import ConnectionPool
 
 
 class Database(Protocol):
-    """What services need from the database: a connection in a transaction."""
+    """What services need from the database: a connection in a transaction.
 
-    def connection(self) -> Iterator[psycopg.Connection]: ...
+    `autocommit=True` is for a block of one statement (which is a transaction by itself): it
+    saves the BEGIN and COMMIT round trips. The hot path of a dispatch is made of such blocks.
+    """
+
+    def connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]: ...
 
     def close(self) -> None: ...
 
@@ -32,7 +37,7 @@ class PooledDatabase:
             timeout=timeout_s,
             open=False,
             name=name,
-            check=ConnectionPool.check_connection,
+            check=check_idle_connection,
             kwargs={
                 "row_factory": dict_row,
                 "options": f"-c statement_timeout={statement_timeout_ms}",
@@ -45,9 +50,17 @@ class PooledDatabase:
         self.pool.open(wait=False)
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
+    def connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
         with self.pool.connection() as conn:
-            yield conn
+            if not autocommit:
+                yield conn
+                return
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                with suppress(psycopg.Error):  # a broken connection is discarded by the pool anyway
+                    conn.autocommit = False
 
     def close(self) -> None:
         self.pool.close()
@@ -60,12 +73,27 @@ class SingleConnectionDatabase:
         self.conn = conn
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
+    def connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
         with self.conn.transaction():
             yield self.conn
 
     def close(self) -> None:
         pass
+
+
+def check_idle_connection(conn: psycopg.Connection) -> None:
+    """The pool's check before handing out a connection: raise if the server has closed it.
+
+    Without a round trip: an idle connection has nothing to read, so a readable socket means the
+    server sent its goodbye (shutdown, restart, idle timeout, terminated backend) or hung up.
+    """
+    if conn.closed:
+        raise psycopg.OperationalError("the connection is closed")
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
+        conn.close()  # so the pool discards it and opens another
+        raise psycopg.OperationalError("the server closed this idle connection")
 
 
 def connect(conninfo: str, **kwargs) -> psycopg.Connection:

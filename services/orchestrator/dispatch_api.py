@@ -21,7 +21,7 @@ blp = Blueprint("dispatch", __name__, description="Dispatch a request to the bes
 
 @blp.route("/dispatch")
 class Dispatch(MethodView):
-    @blp.arguments(DispatchSchema)
+    @blp.arguments(DispatchSchema())  # an instance: webargs would build one per request from a class
     @blp.response(200, DispatchResultSchema)
     @blp.alt_response(202, schema=AcceptedSchema, description="Queued (async or Prefer: respond-async)")
     def post(self, body):
@@ -30,7 +30,7 @@ class Dispatch(MethodView):
         request_id = dispatch_request_id()
         db = get_db()
         if run_async:
-            with db.connection() as conn:
+            with db.connection(autocommit=True) as conn:
                 request_queue.enqueue(conn, request_id=request_id, payload=body, task_type=body["task_type"],
                                       priority=body["priority"], mode="async", callback_url=body["callback_url"])
             status_url = url_for("dispatch.RequestStatus", request_id=request_id)

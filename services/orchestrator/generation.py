@@ -13,7 +13,7 @@ from services.orchestrator.protocols import Options, client_for
 
 def resolve_model(db: Database, *, model_id: str | None = None, model: str | None = None) -> dict:
     """A model by id, or by "name:version" or "name" (its newest active version)."""
-    with db.connection() as conn:
+    with db.connection(autocommit=True) as conn:  # one read
         if model_id:
             row = queries.get_model(conn, model_id)
         else:

@@ -79,13 +79,13 @@ def start_runtime(db: Database, model_id: str, settings: Settings) -> dict:
 
 def acquire_runtime(db: Database, runtime_id: str) -> dict | None:
     """Count a request on a runtime; None when it is no longer running (ensure another)."""
-    with db.connection() as conn:
+    with db.connection(autocommit=True) as conn:
         return queries.acquire(conn, runtime_id)
 
 
 def release_runtime(db: Database, runtime_id: str, settings: Settings) -> dict | None:
     """Count a request as finished; a model with keep-alive 0 stops as soon as it is idle."""
-    with db.connection() as conn:
+    with db.connection(autocommit=True) as conn:
         row = queries.release(conn, runtime_id)
     if row and row["keep_alive_seconds"] == 0 and row["active_requests"] == 0 and row["status"] == "running":
         _stop_if_idle(db, runtime_id, settings)
@@ -97,7 +97,7 @@ def leased_runtime(db: Database, model_id: str, settings: Settings, *, attempts:
     """A ready runtime of the model, counted busy for the duration of the block (dispatch's wrapper)."""
     runtime = None
     for _ in range(attempts):
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:
             runtime = queries.acquire_warm(conn, model_id)
         if runtime:
             break

@@ -140,14 +140,14 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
                               queue_wait_ms=queue_wait_ms, on_attempt=assignment_noter(db, request_id, owner))
     except Exception as error:
         details = _error_details(error)
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:
             recorded = request_queue.fail(conn, request_id, owner=owner, error_details=details)
         if recorded:
             _call_back(row, {"request_id": request_id, "status": "failed", "error": details})
         if raise_problem or not isinstance(error, Problem):
             raise
         return None
-    with db.connection() as conn:
+    with db.connection(autocommit=True) as conn:
         recorded = request_queue.complete(conn, request_id, owner=owner, result=result)
     if recorded:
         _call_back(row, result)
@@ -159,32 +159,66 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
 def assignment_noter(db: Database, request_id: str, owner: str) -> Callable[[Attempt], None]:
     """A callback noting in the queue which model and runtime an attempt uses (feedback needs it)."""
     def note(attempt: Attempt) -> None:
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:
             request_queue.assign(conn, request_id, owner=owner, model_id=attempt.model_id,
                                  runtime_id=attempt.runtime_id)
     return note
 
 
-@contextmanager
-def lease_kept_alive(db: Database, settings: Settings, request_id: str, owner: str) -> Iterator[None]:
-    """Renew the request's lease while the block runs, so only a dead owner's lease lapses."""
-    done = threading.Event()
+class LeaseRenewer:
+    """Renews the leases of the requests this process runs, so only a dead owner's lease lapses.
 
-    def renew() -> None:
-        while not done.wait(settings.queue_lease_renew_s):
-            try:
-                with db.connection() as conn:
-                    request_queue.renew_lease(conn, request_id, owner=owner, lease_seconds=settings.queue_lease_s)
-            except Exception:
-                logger.warning("could not renew a lease", extra={"dispatch_id": request_id})
+    One thread per process, one UPDATE per database every `queue_lease_renew_s` for all of them:
+    a thread per request would cost more than an instant model's whole answer.
+    """
 
-    thread = threading.Thread(target=renew, name=f"lease-{request_id[:8]}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
+    def __init__(self) -> None:
+        self._leases: dict[tuple[str, str], tuple[Database, Settings]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def kept(self, db: Database, settings: Settings, request_id: str, owner: str) -> Iterator[None]:
+        """Keep the lease alive while the block runs."""
+        key = (request_id, owner)
+        with self._lock:
+            self._leases[key] = (db, settings)
+            if self._thread is None or not self._thread.is_alive():  # first use, or after a fork
+                self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._leases[key]
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._interval())
+            with self._lock:
+                groups: dict[tuple[int, float], tuple[Database, list[tuple[str, str]]]] = {}
+                for key, (db, settings) in self._leases.items():
+                    groups.setdefault((id(db), settings.queue_lease_s), (db, []))[1].append(key)
+            for (_, lease_s), (db, leases) in groups.items():
+                try:
+                    with db.connection(autocommit=True) as conn:
+                        request_queue.renew_leases(conn, leases, lease_seconds=lease_s)
+                except Exception:
+                    logger.warning("could not renew leases", extra={"leases": len(leases)}, exc_info=True)
+
+
+    def _interval(self) -> float:
+        with self._lock:
+            return min((settings.queue_lease_renew_s for _, settings in self._leases.values()),
+                       default=Settings.queue_lease_renew_s)
+
+
+_lease_renewer = LeaseRenewer()
+
+
+def lease_kept_alive(db: Database, settings: Settings, request_id: str, owner: str):
+    """Renew the request's lease while the block runs (a context manager)."""
+    return _lease_renewer.kept(db, settings, request_id, owner)
 
 
 def _error_details(error: Exception) -> dict:
@@ -288,7 +322,7 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
                       "model": {"id": attempt.model_id, "name": candidate.model["name"],
                                 "version": candidate.model["version"]},
                       "runtime_id": attempt.runtime_id, "attempts": [asdict(a) for a in attempts]}
-            with db.connection() as conn:
+            with db.connection(autocommit=True) as conn:
                 request_queue.complete(conn, request_id, owner=owner, result=result)
             yield {"finish_reason": generation.finish_reason or "stop",
                    "tokens": {"input": generation.input_tokens, "output": generation.output_tokens},
@@ -312,7 +346,7 @@ def _stream_attempt(db: Database, settings: Settings, request_id: str, request: 
     on the next candidate without the client seeing anything. `outcome` ends with the generation.
     """
     attempt, started = outcome.attempt, time.perf_counter()
-    with db.connection() as conn:
+    with db.connection(autocommit=True) as conn:
         outcome.built = build_prompt(conn, prompt_request(request, candidate.model))
     with leased_runtime(db, candidate.model["id"], settings) as runtime:
         outcome.ensure_ms = _ms_since(started)
@@ -341,14 +375,14 @@ def _end_attempt(db: Database, request_id: str, request: DispatchRequest, outcom
 
 
 def _record_failure(db: Database, row: dict, owner: str, error_details: dict) -> None:
-    with db.connection() as conn:
+    with db.connection(autocommit=True) as conn:
         request_queue.fail(conn, str(row["id"]), owner=owner, error_details=error_details)
 
 
 def _select(db: Database, settings: Settings, request: DispatchRequest) -> Selection:
     if request.model:
         return pinned_selection(db, request)
-    with db.connection() as conn:
+    with db.connection(autocommit=True) as conn:  # reads only
         return select_models(conn, selection_request(request), settings)
 
 
@@ -377,7 +411,7 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
     outcome = Outcome(attempt=attempt)
     started = time.perf_counter()
     try:
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:  # one read
             outcome.built = build_prompt(conn, prompt_request(request, model))
         with leased_runtime(db, model["id"], settings) as runtime:
             outcome.ensure_ms = _ms_since(started)
@@ -469,7 +503,7 @@ def _log_attempt(db: Database, request_id: str, request: DispatchRequest, outcom
         "error_message": (attempt.error or "")[:5000] or None,
     }
     try:
-        with db.connection() as conn:
+        with db.connection(autocommit=True) as conn:
             log_performance(conn, row)
     except Exception:  # a lost log row must not lose the answer
         logger.exception("could not log a performance row", extra={"dispatch_id": request_id})

@@ -67,7 +67,11 @@ class Generation:
 @lru_cache(maxsize=1)
 def model_session() -> TimeoutSession:
     """One pooled session per process for model servers; no retries (probes poll by themselves)."""
-    return http_session(timeout_s=DEFAULT_GENERATION_TIMEOUT_S, retries=0, pool_size=64)
+    session = http_session(timeout_s=DEFAULT_GENERATION_TIMEOUT_S, retries=0, pool_size=64)
+    # Model servers are ours (local processes, containers) or named endpoints: never reached through
+    # an environment proxy or with .netrc credentials, so skip requests' per-call lookups of both.
+    session.trust_env = False
+    return session
 
 
 class GenerationStream:

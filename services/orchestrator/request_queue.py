@@ -43,12 +43,13 @@ def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_ty
             {"id": request_id, "payload": Jsonb(payload), "task_type": task_type, "priority": priority,
              "owner": lease_owner, "lease": lease_seconds, "callback_url": callback_url},
         ).fetchone()
-    conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+    # One statement, so the NOTIFY is delivered when the row is committed, even in autocommit.
     return conn.execute(
-        "INSERT INTO request_queue (id, request_payload, task_type, priority, mode, callback_url)"
-        " VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'async', %(callback_url)s)" + RETURNING,
+        "WITH queued AS (INSERT INTO request_queue (id, request_payload, task_type, priority, mode, callback_url)"
+        " VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'async', %(callback_url)s)" + RETURNING + ")"
+        " SELECT queued.* FROM queued, pg_notify(%(channel)s, '')",
         {"id": request_id, "payload": Jsonb(payload), "task_type": task_type, "priority": priority,
-         "callback_url": callback_url},
+         "callback_url": callback_url, "channel": CHANNEL},
     ).fetchone()
 
 
@@ -63,14 +64,16 @@ def claim_next(conn: psycopg.Connection, *, owner: str, lease_seconds: float) ->
     ).fetchone()
 
 
-def renew_lease(conn: psycopg.Connection, request_id, *, owner: str, lease_seconds: float) -> bool:
-    """Extend a lease this owner still holds; False when it was lost."""
-    row = conn.execute(
+def renew_leases(conn: psycopg.Connection, leases: list[tuple[str, str]], *, lease_seconds: float) -> list:
+    """Extend the leases (request id, owner) their owners still hold; the ids of those renewed."""
+    rows = conn.execute(
         "UPDATE request_queue SET lease_expires_at = now() + make_interval(secs => %s)"
-        " WHERE id = %s AND lease_owner = %s AND status = 'processing' RETURNING id",
-        (lease_seconds, request_id, owner),
-    ).fetchone()
-    return row is not None
+        " WHERE status = 'processing' AND (id, lease_owner) IN"
+        "  (SELECT * FROM unnest(%s::uuid[], %s::text[]))"
+        " RETURNING id",
+        (lease_seconds, [request_id for request_id, _ in leases], [owner for _, owner in leases]),
+    ).fetchall()
+    return [row["id"] for row in rows]
 
 
 def assign(conn: psycopg.Connection, request_id, *, owner: str, model_id, runtime_id) -> None:

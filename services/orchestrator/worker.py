@@ -57,7 +57,7 @@ class WorkerPool:
     def run_once(self) -> bool:
         """Claim and run one request; False when the queue was empty."""
         owner = request_queue.lease_owner()
-        with self.db.connection() as conn:
+        with self.db.connection(autocommit=True) as conn:
             row = request_queue.claim_next(conn, owner=owner, lease_seconds=self.settings.queue_lease_s)
         if row is None:
             return False

@@ -9,7 +9,8 @@ fits `max_latency_ms`.
 Speed. The catalogue's request-independent facts (below) are held in memory as arrays, keyed by
 the catalogue version (bumped by a trigger on every write to model_registry) and the refresh time
 of the performance view; each selection reads that key and the warm runtimes in one small query,
-filters and scores with array arithmetic, then reads the full rows of the top candidates only.
+filters and scores with array arithmetic, then reads the full rows of the top candidates only
+(once per catalogue: they are cached with it).
 
 Evidence. Each figure blends what was measured in the last 24 hours (the materialized view
 `model_performance_summary`, n samples) with the catalogue's prior (`performance_metrics`) by
@@ -154,6 +155,7 @@ class Catalogue:
          self.feedback_score, self.sample_size, self.load_time_ms) = evidence.T
         self.accuracy = self.success_rate * (2 * self.validation_pass_rate + self.feedback_score) / 3
         self.memory = 1.0 / (1.0 + self.memory_mb / MEMORY_SCALE_MB)
+        self._rows: dict[uuid.UUID, dict] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -166,6 +168,13 @@ class Catalogue:
         for tag in tags:
             mask &= self.tagged.get(tag, np.zeros(len(self), dtype=bool))
         return mask
+
+    def rows(self, conn: psycopg.Connection, ids: list[uuid.UUID]) -> dict[uuid.UUID, dict]:
+        """Full model_registry rows by id, read once per catalogue (any write makes a new one)."""
+        missing = [model_id for model_id in ids if model_id not in self._rows]
+        if missing:
+            self._rows.update((row["id"], row) for row in queries.get_models(conn, missing))
+        return {model_id: self._rows[model_id] for model_id in ids if model_id in self._rows}
 
     def marked(self, refs: Iterable[str]) -> np.ndarray:
         """The models named by id (lower-case text) or name:version."""
@@ -217,7 +226,7 @@ def select_models(conn: psycopg.Connection, request: SelectionRequest,
     scores = sum(parts.values())
     # Stable: equal scores keep the catalogue's (name, version, id) order.
     ranked = np.argsort(-scores, kind="stable")[:request.limit]
-    models = {m["id"]: m for m in queries.get_models(conn, [catalogue.ids[eligible[r]] for r in ranked])}
+    models = catalogue.rows(conn, [catalogue.ids[eligible[r]] for r in ranked])
     candidates = [
         Candidate(model=models[catalogue.ids[i]], score=float(scores[r]),
                   breakdown={name: float(part[r]) for name, part in parts.items()},

@@ -1,0 +1,58 @@
+"""The pool's connections: the round-trip-free liveness check, and autocommit blocks."""
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from services.common.db import PooledDatabase, check_idle_connection, connect
+
+
+@pytest.fixture
+def pooled(fresh_database_url: str):
+    database = PooledDatabase(fresh_database_url, min_size=1, max_size=1, name="db-test")
+    database.pool.open(wait=True)
+    yield database
+    database.close()
+
+
+def backend_pid(database: PooledDatabase, **kwargs) -> int:
+    with database.connection(**kwargs) as conn:
+        return conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]
+
+
+def test_a_connection_the_server_closed_is_replaced_before_it_is_handed_out(pooled, fresh_database_url):
+    before = backend_pid(pooled)
+    with connect(fresh_database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (before,))
+    time.sleep(0.2)  # the server's goodbye reaches the idle connection's socket
+
+    after = backend_pid(pooled)
+
+    assert after != before
+    assert pooled.pool.get_stats()["connections_lost"] == 1
+
+
+def test_the_check_passes_a_live_idle_connection_and_fails_a_closed_one(database_url):
+    with connect(database_url, autocommit=True) as conn:
+        check_idle_connection(conn)
+        conn.close()
+        with pytest.raises(psycopg.OperationalError, match="closed"):
+            check_idle_connection(conn)
+
+
+def test_an_autocommit_block_commits_each_statement_and_gives_the_connection_back_transactional(pooled):
+    with pooled.connection(autocommit=True) as conn:
+        conn.execute("CREATE TABLE autocommit_probe (n int)")
+        conn.execute("INSERT INTO autocommit_probe VALUES (1)")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with pytest.raises(psycopg.errors.DivisionByZero), pooled.connection(autocommit=True) as conn:
+        conn.execute("INSERT INTO autocommit_probe VALUES (1 / 0)")
+
+    with pooled.connection() as conn:
+        assert conn.autocommit is False
+        conn.execute("INSERT INTO autocommit_probe VALUES (2)")
+        conn.rollback()
+        assert conn.execute("SELECT array_agg(n) AS ns FROM autocommit_probe").fetchone() == {"ns": [1]}
+        conn.execute("DROP TABLE autocommit_probe")
