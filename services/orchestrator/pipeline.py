@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
@@ -26,8 +27,8 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import BadGateway, GatewayTimeout, Problem
 from services.common.http import http_session
-from services.orchestrator import request_queue
 from services.optimizer.performance import log_performance
+from services.orchestrator import request_queue
 from services.orchestrator.generation import resolve_model
 from services.orchestrator.lifecycle import leased_runtime
 from services.orchestrator.protocols import (Generation, ModelServerTimeout, Options,
@@ -113,6 +114,7 @@ class Outcome:
     parsed: ParsedOutput | None = None
     ensure_ms: float = 0.0
     cold_start: bool = False
+    load_time_ms: int | None = None      # the server's own load time, on the attempt that started it
 
 
 class DispatchFailed(Problem):
@@ -409,13 +411,15 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
     """One model, one runtime, one generation, checked and logged."""
     model = candidate.model
     outcome = Outcome(attempt=attempt)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), datetime.now(timezone.utc)
     try:
         with db.connection(autocommit=True) as conn:  # one read
             outcome.built = build_prompt(conn, prompt_request(request, model))
         with leased_runtime(db, model["id"], settings) as runtime:
             outcome.ensure_ms = _ms_since(started)
-            outcome.cold_start = not candidate.data.get("warm", False) and outcome.ensure_ms > 50
+            # Cold when the runtime became ready during this attempt: its load time counts here.
+            outcome.cold_start = bool(runtime["ready_at"] and runtime["ready_at"] >= started_at)
+            outcome.load_time_ms = runtime["load_time_ms"] if outcome.cold_start else None
             attempt.runtime_id = str(runtime["id"])
             if on_attempt:
                 on_attempt(attempt)
@@ -495,7 +499,7 @@ def _log_attempt(db: Database, request_id: str, request: DispatchRequest, outcom
         "output_tokens": generation.output_tokens if generation else None,
         "tokens_per_second": timings.tokens_per_second if timings else None,
         "processing_time_ms": round(attempt.duration_ms),
-        "load_time_ms": round(outcome.ensure_ms) if outcome.cold_start else None,
+        "load_time_ms": outcome.load_time_ms,
         "queue_wait_ms": round(queue_wait_ms),
         "success": attempt.outcome in SERVED,
         "validation_passed": outcome.parsed.valid if outcome.parsed else None,

@@ -195,8 +195,9 @@ def merge_driver_state(conn: psycopg.Connection, runtime_id: str, state: dict) -
 def mark_ready(conn: psycopg.Connection, runtime_id: str, load_time_ms: int) -> dict | None:
     return _runtime_returning(conn, """
         UPDATE container_lifecycle
-        SET status = 'running', health_status = 'healthy', ready_at = now(), last_health_check = now(),
-            last_activity = now(), load_time_ms = %(load_time_ms)s, error_message = NULL
+        -- clock_timestamp(): the moment it became ready, which dispatch compares with its attempt's start.
+        SET status = 'running', health_status = 'healthy', ready_at = clock_timestamp(),
+            last_health_check = now(), last_activity = now(), load_time_ms = %(load_time_ms)s, error_message = NULL
         WHERE id = %(id)s AND status = 'starting'
         RETURNING id
     """, {"id": runtime_id, "load_time_ms": load_time_ms})

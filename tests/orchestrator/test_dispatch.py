@@ -264,3 +264,17 @@ def test_claims_go_by_priority_then_age(conn):
     order = [request_queue.claim_next(conn, owner="w", lease_seconds=30)["id"] for _ in range(3)]
     assert order == [ids[1], ids[0], ids[2]]
     assert request_queue.claim_next(conn, owner="w", lease_seconds=30) is None
+
+
+def test_the_attempt_that_starts_a_runtime_logs_its_load_time(client, conn, fake_server):
+    served_by(conn, fake_server)
+    cold = client.post("/dispatch", json=dispatch_body()).get_json()
+    warm = client.post("/dispatch", json=dispatch_body()).get_json()
+
+    load_times = {body["request_id"]: conn.execute(
+        "SELECT load_time_ms FROM performance_logs WHERE request_id = %s", (body["request_id"],)
+    ).fetchone()["load_time_ms"] for body in (cold, warm)}
+    runtime = conn.execute("SELECT load_time_ms FROM container_lifecycle WHERE id = %s",
+                           (cold["runtime_id"],)).fetchone()
+    assert load_times == {cold["request_id"]: runtime["load_time_ms"], warm["request_id"]: None}
+    assert cold["timings"]["cold_start_ms"] > 0 and warm["timings"]["cold_start_ms"] == 0
