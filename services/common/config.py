@@ -19,7 +19,8 @@ def _env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
+    """An integer setting from the environment; a malformed value is an error naming it."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -92,16 +93,16 @@ class Settings:
     def from_env(cls) -> Settings:
         return cls(
             database_url=_env_str("DATABASE_URL", cls.database_url),
-            db_pool_min_size=_env_int("DB_POOL_MIN_SIZE", cls.db_pool_min_size),
-            db_pool_max_size=_env_int("DB_POOL_MAX_SIZE", cls.db_pool_max_size),
+            db_pool_min_size=env_int("DB_POOL_MIN_SIZE", cls.db_pool_min_size),
+            db_pool_max_size=env_int("DB_POOL_MAX_SIZE", cls.db_pool_max_size),
             db_pool_timeout_s=_env_float("DB_POOL_TIMEOUT_S", cls.db_pool_timeout_s),
-            db_statement_timeout_ms=_env_int("DB_STATEMENT_TIMEOUT_MS", cls.db_statement_timeout_ms),
+            db_statement_timeout_ms=env_int("DB_STATEMENT_TIMEOUT_MS", cls.db_statement_timeout_ms),
             api_token=_env_str("DISPATCHER_API_TOKEN", ""),
             log_level=_env_str("LOG_LEVEL", cls.log_level).upper(),
-            max_request_bytes=_env_int("MAX_REQUEST_BYTES", cls.max_request_bytes),
-            max_prompt_chars=_env_int("MAX_PROMPT_CHARS", cls.max_prompt_chars),
+            max_request_bytes=env_int("MAX_REQUEST_BYTES", cls.max_request_bytes),
+            max_prompt_chars=env_int("MAX_PROMPT_CHARS", cls.max_prompt_chars),
             http_timeout_s=_env_float("HTTP_TIMEOUT_S", cls.http_timeout_s),
-            http_retries=_env_int("HTTP_RETRIES", cls.http_retries),
+            http_retries=env_int("HTTP_RETRIES", cls.http_retries),
             registry_url=_service_url("registry"),
             orchestrator_url=_service_url("orchestrator"),
             prompt_builder_url=_service_url("prompt_builder"),
@@ -109,14 +110,14 @@ class Settings:
             n8n_url=_env_str("N8N_URL", cls.n8n_url).rstrip("/"),
             runtime_drivers=_env_list("RUNTIME_DRIVERS", ",".join(cls.runtime_drivers)),
             host_cpu_cores=_env_float("HOST_CPU_CORES", float(os.cpu_count() or 1)),
-            host_memory_mb=_env_int("HOST_MEMORY_MB", cls.host_memory_mb),
+            host_memory_mb=env_int("HOST_MEMORY_MB", cls.host_memory_mb),
             host_gpu_count=_env_float("HOST_GPU_COUNT", cls.host_gpu_count),
             docker_url=_env_str("DOCKER_URL", cls.docker_url),
             docker_network=_env_str("DOCKER_NETWORK", cls.docker_network),
             runtime_dir=_env_str("RUNTIME_DIR", cls.runtime_dir),
             models_dir=_env_str("MODELS_DIR", cls.models_dir),
-            default_keep_alive_s=_env_int("DEFAULT_KEEP_ALIVE_S", cls.default_keep_alive_s),
-            performance_retention_days=_env_int("PERFORMANCE_RETENTION_DAYS",
+            default_keep_alive_s=env_int("DEFAULT_KEEP_ALIVE_S", cls.default_keep_alive_s),
+            performance_retention_days=env_int("PERFORMANCE_RETENTION_DAYS",
                                                 cls.performance_retention_days),
             queue_lease_s=_env_float("QUEUE_LEASE_S", cls.queue_lease_s),
             queue_lease_renew_s=_env_float("QUEUE_LEASE_RENEW_S", cls.queue_lease_renew_s),
@@ -136,4 +137,4 @@ class Settings:
 
 def service_port(service: str) -> int:
     """The port a service listens on: `<SERVICE>_PORT` or its default."""
-    return _env_int(f"{service.upper()}_PORT", SERVICE_PORTS[service])
+    return env_int(f"{service.upper()}_PORT", SERVICE_PORTS[service])

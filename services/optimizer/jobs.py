@@ -6,7 +6,6 @@ checks) goes through its HTTP endpoints, because the orchestrator owns the runti
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -14,7 +13,7 @@ from datetime import timedelta
 
 import requests
 
-from services.common.config import Settings
+from services.common.config import Settings, env_int
 from services.common.db import Database, connect
 from services.optimizer import performance, rankings, rules
 from services.optimizer.actions import ActionError, send
@@ -37,16 +36,10 @@ class JobConfig:
 
     @classmethod
     def from_env(cls) -> JobConfig:
-        values = {}
-        for f in fields(cls):
-            name = f"OPTIMIZER_{f.name.upper()}" + ("" if f.name.endswith(("_s", "_size")) else "_INTERVAL_S")
-            raw = os.environ.get(name)
-            if raw:
-                try:
-                    values[f.name] = int(raw)
-                except ValueError as exc:
-                    raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
-        return cls(**values)
+        def name(field_name: str) -> str:
+            suffix = "" if field_name.endswith(("_s", "_size")) else "_INTERVAL_S"
+            return f"OPTIMIZER_{field_name.upper()}{suffix}"
+        return cls(**{f.name: env_int(name(f.name), f.default) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

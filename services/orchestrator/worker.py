@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 import time
 
 import psycopg
 
-from services.common.config import Settings
+from services.common.config import Settings, env_int
 from services.common.db import Database, PooledDatabase
 from services.common.logs import configure_logging
 from services.orchestrator import request_queue
@@ -103,7 +102,7 @@ class WorkerPool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run queue workers.")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("QUEUE_WORKERS", "4")))
+    parser.add_argument("--workers", type=int, default=env_int("QUEUE_WORKERS", 4))
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     configure_logging(settings.log_level)
