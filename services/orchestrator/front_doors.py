@@ -75,7 +75,16 @@ class ResponseFormatSchema(LenientSchema):
     json_schema = fields.Dict()
 
 
-class ChatCompletionSchema(LenientSchema):
+class ChatSchema(LenientSchema):
+    """A chat request of either protocol: it must end with a user turn."""
+
+    @validates_schema
+    def _last_is_user(self, data: dict, **kwargs) -> None:
+        if data["messages"][-1]["role"] != "user":
+            raise ValidationError("The last message must be a user message.", "messages")
+
+
+class ChatCompletionSchema(ChatSchema):
     model = fields.String(required=True, validate=validate.Length(1, 130))
     messages = fields.List(fields.Nested(OpenAIMessageSchema), required=True, validate=validate.Length(1, 200))
     stream = fields.Boolean(load_default=False)
@@ -84,11 +93,6 @@ class ChatCompletionSchema(LenientSchema):
     temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2))
     seed = fields.Integer(allow_none=True, validate=validate.Range(0, 2**31 - 1))
     response_format = fields.Nested(ResponseFormatSchema, allow_none=True)
-
-    @validates_schema
-    def _last_is_user(self, data: dict, **kwargs) -> None:
-        if data["messages"][-1]["role"] != "user":
-            raise ValidationError("The last message must be a user message.", "messages")
 
 
 class OllamaOptionsSchema(LenientSchema):
@@ -106,17 +110,12 @@ class OllamaFormat(fields.Field):
         raise ValidationError('Must be "json" or a JSON schema object.')
 
 
-class OllamaChatSchema(LenientSchema):
+class OllamaChatSchema(ChatSchema):
     model = fields.String(required=True, validate=validate.Length(1, 130))
     messages = fields.List(fields.Nested(ChatMessageSchema), required=True, validate=validate.Length(1, 200))
     stream = fields.Boolean(load_default=True)
     format = OllamaFormat(load_default=None, metadata={"description": '"json" or a JSON schema'})
     options = fields.Nested(OllamaOptionsSchema, load_default=dict)
-
-    @validates_schema
-    def _last_is_user(self, data: dict, **kwargs) -> None:
-        if data["messages"][-1]["role"] != "user":
-            raise ValidationError("The last message must be a user message.", "messages")
 
 
 class OllamaGenerateSchema(LenientSchema):
