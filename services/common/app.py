@@ -50,8 +50,8 @@ health = Blueprint("health", __name__, description="Liveness, readiness and metr
 class Liveness(MethodView):
     @health.response(200, content_type="application/json")
     def get(self):
-        """The process is alive."""
-        return {"status": "ok"}
+        """The process is alive; `service` tells which one answers on this port."""
+        return {"status": "ok", "service": current_app.config["SERVICE_NAME"]}
 
 
 @health.route("/readyz", endpoint="readyz")
@@ -61,7 +61,7 @@ class Readiness(MethodView):
         """The process can serve: its database answers."""
         with get_db().connection() as conn:
             conn.execute("SELECT 1")
-        return {"status": "ready"}
+        return {"status": "ready", "service": current_app.config["SERVICE_NAME"]}
 
 
 @health.route("/metrics", endpoint="metrics")

@@ -139,8 +139,8 @@ def test_with_a_token_every_endpoint_but_health_needs_it(client):
 
 def test_health_readiness_and_openapi(client):
     c = client()
-    assert c.get("/healthz").get_json() == {"status": "ok"}
-    assert c.get("/readyz").get_json() == {"status": "ready"}
+    assert c.get("/healthz").get_json() == {"status": "ok", "service": "test"}
+    assert c.get("/readyz").get_json() == {"status": "ready", "service": "test"}
     spec = c.get("/openapi.json").get_json()
     assert spec["openapi"] == "3.0.3"
     assert set(spec["paths"]) >= {"/healthz", "/readyz", "/metrics", "/items"}

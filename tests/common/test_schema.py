@@ -1,7 +1,6 @@
 """Every table rejects bad rows; the summary view keeps models without logs and refreshes concurrently."""
 from __future__ import annotations
 
-import psycopg
 import pytest
 from psycopg import errors as pg_errors
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from service_processes import Processes, start_services
 
 from services.common.config import Settings
 from services.common.db import connect
@@ -25,59 +22,25 @@ from services.orchestrator.runtimes import process
 
 pytestmark = pytest.mark.real_model
 
-ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("registry", "orchestrator", "prompt_builder", "optimizer")
-READY_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def stack(fresh_database_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
     """The four services as gunicorn processes on free ports; their base URLs by name."""
-    urls = {name: f"http://127.0.0.1:{free_port()}" for name in SERVICES}
     runtime_dir = tmp_path / "runtimes"
-    env = {**os.environ, "DATABASE_URL": fresh_database_url, "RUNTIME_DRIVERS": "process,external",
-           "RUNTIME_DIR": str(runtime_dir), "MODELS_DIR": str(tmp_path / "models"), "DISPATCHER_API_TOKEN": "",
-           **{f"{name.upper()}_URL": url for name, url in urls.items()}}
-    started = []
+
+    def env_for(urls: dict[str, str]) -> dict[str, str]:
+        return {**os.environ, "DATABASE_URL": fresh_database_url, "RUNTIME_DRIVERS": "process,external",
+                "RUNTIME_DIR": str(runtime_dir), "MODELS_DIR": str(tmp_path / "models"), "DISPATCHER_API_TOKEN": "",
+                **{f"{name.upper()}_URL": url for name, url in urls.items()}}
+
+    processes = Processes(logs=tmp_path)
+    urls = None
     try:
-        for name, url in urls.items():
-            with open(tmp_path / f"{name}.log", "wb") as log:
-                started.append(subprocess.Popen(
-                    [sys.executable, "-m", "gunicorn", f"services.{name}:create_app()", "--bind", url[7:],
-                     "--worker-class", "gthread", "--workers", "1", "--threads", "4", "--timeout", "120"],
-                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        for url in urls.values():
-            wait_ready(url)
+        urls = start_services(processes, env_for, threads=4)
         yield urls
     finally:
-        stop_runtimes(urls["orchestrator"], fresh_database_url, runtime_dir)
-        for service in started:
-            service.terminate()
-        for service in started:
-            try:
-                service.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                service.kill()
-                service.wait()
-
-
-def wait_ready(url: str) -> None:
-    """Poll /readyz until the service answers (a deadline, not a timed assert)."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:  # refused, or too busy to answer yet
-            pass
-        assert time.monotonic() < deadline, f"{url} never became ready"
-        time.sleep(0.1)
+        if urls:
+            stop_runtimes(urls["orchestrator"], fresh_database_url, runtime_dir)
+        processes.stop_all()
 
 
 def stop_runtimes(orchestrator: str, database_url: str, runtime_dir: Path) -> None:

@@ -1,27 +1,19 @@
-"""The processes the n8n tests run: the four services and the queue worker, and a real n8n.
-
-Every process binds a free port on 127.0.0.1, starts in its own session and is stopped by its
-process group; readiness is polled, never slept on.
-"""
+"""The processes the n8n tests run: the four services and the queue worker, and a real n8n."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from service_processes import ROOT, Processes, free_port, start_services, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 N8N_BIN = ROOT / "n8n" / "node_modules" / ".bin" / "n8n"
-SERVICES = ("registry", "orchestrator", "prompt_builder", "optimizer")
 OWNER = {"email": "owner@dispatcher.test", "firstName": "Test", "lastName": "Owner", "password": "Dispatcher-n8n-1"}
 N8N_QUIET = {
     "DB_TYPE": "sqlite", "GENERIC_TIMEZONE": "UTC", "N8N_DIAGNOSTICS_ENABLED": "false",
@@ -33,56 +25,6 @@ N8N_QUIET = {
     "N8N_BLOCK_ENV_ACCESS_IN_NODE": "false",
     "N8N_LOG_LEVEL": "warn",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(probe, what: str, timeout_s: float = 60.0, interval_s: float = 0.2, log: Path | None = None):
-    """Poll `probe` until it returns something truthy; fail with the log's tail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = probe()
-            if result:
-                return result
-        except requests.RequestException:
-            pass
-        time.sleep(interval_s)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise TimeoutError(f"{what} not ready after {timeout_s} s\n{tail}")
-
-
-@dataclass
-class Processes:
-    """Started processes, stopped together (each by its own process group)."""
-
-    logs: Path
-    running: list[subprocess.Popen] = field(default_factory=list)
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Path:
-        log = self.logs / f"{name}.log"
-        with log.open("ab") as out:
-            self.running.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                                 stdin=subprocess.DEVNULL, start_new_session=True))
-        return log
-
-    def stop(self, process: subprocess.Popen, timeout_s: float = 20.0) -> None:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        self.running.remove(process)
-
-    def stop_all(self) -> None:
-        for process in reversed(list(self.running)):
-            self.stop(process)
 
 
 @dataclass
@@ -111,23 +53,17 @@ class Stack:
 
 def start_stack(processes: Processes, database_url: str, workdir: Path) -> Stack:
     """Start the services (gunicorn, one worker each) and the queue worker; wait until ready."""
-    urls = {name: f"http://127.0.0.1:{free_port()}" for name in SERVICES}
-    stack = Stack(urls=urls, token=secrets.token_urlsafe(24), database_url=database_url,
-                  runtime_dir=workdir / "runtimes")
-    env = {**os.environ, **stack.env, "DATABASE_URL": database_url, "RUNTIME_DRIVERS": "process",
-           "RUNTIME_DIR": str(stack.runtime_dir), "MODELS_DIR": str(workdir / "models"),
-           "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
-    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    logs = {}
-    for name, url in urls.items():
-        logs[name] = processes.start(name, [
-            gunicorn, f"services.{name}:create_app()", "--bind", url.removeprefix("http://"),
-            "--worker-class", "gthread", "--workers", "1", "--threads", "8", "--timeout", "300"], env)
-    logs["worker"] = processes.start("worker", [sys.executable, "-m", "services.orchestrator.worker",
-                                                "--workers", "1"], env)
-    for name, url in urls.items():
-        wait_until(lambda: requests.get(f"{url}/readyz", timeout=2).ok, name, log=logs[name])
-    return stack
+    token = secrets.token_urlsafe(24)
+    runtime_dir = workdir / "runtimes"
+
+    def env_for(urls: dict[str, str]) -> dict[str, str]:
+        return {**os.environ, **Stack(urls, token, database_url, runtime_dir).env, "DATABASE_URL": database_url,
+                "RUNTIME_DRIVERS": "process", "RUNTIME_DIR": str(runtime_dir), "MODELS_DIR": str(workdir / "models"),
+                "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+
+    urls = start_services(processes, env_for)
+    processes.start("worker", [sys.executable, "-m", "services.orchestrator.worker", "--workers", "1"], env_for(urls))
+    return Stack(urls=urls, token=token, database_url=database_url, runtime_dir=runtime_dir)
 
 
 def stop_runtimes(stack: Stack) -> None:
@@ -192,10 +128,10 @@ def start_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, **N8N_QUIET, **service_env, "N8N_USER_FOLDER": str(folder), "N8N_PORT": str(port),
            "N8N_RUNNERS_BROKER_PORT": str(free_port()), "WEBHOOK_URL": f"{url}/"}
-    log = processes.start("n8n", [str(N8N_BIN), "start"], env)
+    process, log = processes.start("n8n", [str(N8N_BIN), "start"], env)
     # /healthz/readiness answers long before the public API is mounted (first start: migrations).
     wait_until(lambda: requests.get(f"{url}/api/v1/workflows", timeout=2).status_code == 401, "n8n",
-               timeout_s=180, log=log)
+               timeout_s=180, log=log, process=process)
     with requests.Session() as session:   # the login cookie
         session.post(f"{url}/rest/owner/setup", json=OWNER, timeout=30).raise_for_status()
         session.post(f"{url}/rest/login", json={"emailOrLdapLoginId": OWNER["email"], "password": OWNER["password"]},

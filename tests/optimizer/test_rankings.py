@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import pytest
 
 from services.optimizer.rankings import smooth, update_rankings
 

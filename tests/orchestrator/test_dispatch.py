@@ -1,7 +1,6 @@
 """POST /dispatch end to end on the test transaction, with fake model servers behind external runtimes."""
 from __future__ import annotations
 
-import json
 from unittest.mock import ANY
 
 import pytest
