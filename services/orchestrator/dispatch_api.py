@@ -92,7 +92,7 @@ def dispatch_request_id() -> str:
 
 def enqueue_sync(request_id: str, payload: dict) -> dict:
     """Record a request this thread runs now: already processing, leased to it."""
-    with get_db().connection() as conn:
+    with get_db().connection(autocommit=True) as conn:
         return request_queue.enqueue(conn, request_id=request_id, payload=payload, task_type=payload["task_type"],
                                      priority=payload["priority"], mode="sync", callback_url=payload["callback_url"],
                                      lease_owner=request_queue.lease_owner(),

@@ -21,6 +21,7 @@ from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import Conflict, NotFound, Problem, ServiceUnavailable, Unprocessable
 from services.orchestrator import queries
+from services.orchestrator.request_queue import Holder
 from services.registry.resources import right_size
 from services.orchestrator.protocols import OllamaClient, server_ready, served_model_name
 from services.orchestrator.runtimes import (Allocation, DriverError, RuntimeDriver, RuntimeStartError,
@@ -77,31 +78,35 @@ def start_runtime(db: Database, model_id: str, settings: Settings) -> dict:
     return _claim_and_start(db, _model(db, model_id), settings, reuse=False)
 
 
-def acquire_runtime(db: Database, runtime_id: str) -> dict | None:
+def acquire_runtime(db: Database, runtime_id: str, holder: Holder | None = None) -> dict | None:
     """Count a request on a runtime; None when it is no longer running (ensure another)."""
     with db.connection(autocommit=True) as conn:
-        return queries.acquire(conn, runtime_id)
+        return queries.acquire(conn, runtime_id, holder)
 
 
-def release_runtime(db: Database, runtime_id: str, settings: Settings) -> dict | None:
+def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: Holder | None = None) -> dict | None:
     """Count a request as finished; a model with keep-alive 0 stops as soon as it is idle."""
     with db.connection(autocommit=True) as conn:
-        row = queries.release(conn, runtime_id)
+        row = queries.release(conn, runtime_id, holder)
     if row and row["keep_alive_seconds"] == 0 and row["active_requests"] == 0 and row["status"] == "running":
         _stop_if_idle(db, runtime_id, settings)
     return row
 
 
 @contextmanager
-def leased_runtime(db: Database, model_id: str, settings: Settings, *, attempts: int = 3) -> Iterator[dict]:
-    """A ready runtime of the model, counted busy for the duration of the block (dispatch's wrapper)."""
+def leased_runtime(db: Database, model_id: str, settings: Settings, *, holder: Holder | None = None,
+                   attempts: int = 3) -> Iterator[dict]:
+    """A ready runtime of the model, counted busy for the duration of the block (dispatch's wrapper).
+
+    With a `holder`, its request notes the model and runtime in the same statement that counts it.
+    """
     runtime = None
     for _ in range(attempts):
         with db.connection(autocommit=True) as conn:
-            runtime = queries.acquire_warm(conn, model_id)
+            runtime = queries.acquire_warm(conn, model_id, holder)
         if runtime:
             break
-        runtime = acquire_runtime(db, ensure_runtime(db, model_id, settings)["id"])
+        runtime = acquire_runtime(db, ensure_runtime(db, model_id, settings)["id"], holder)
         if runtime:
             break
     if not runtime:
@@ -110,7 +115,7 @@ def leased_runtime(db: Database, model_id: str, settings: Settings, *, attempts:
     try:
         yield runtime
     finally:
-        release_runtime(db, runtime["id"], settings)
+        release_runtime(db, runtime["id"], settings, holder)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +29,7 @@ from services.common.errors import BadGateway, GatewayTimeout, Problem
 from services.common.http import http_session
 from services.optimizer.performance import log_performance
 from services.orchestrator import request_queue
+from services.orchestrator.request_queue import Holder
 from services.orchestrator.generation import resolve_model
 from services.orchestrator.lifecycle import leased_runtime
 from services.orchestrator.protocols import (Generation, ModelServerTimeout, Options,
@@ -139,7 +140,7 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
     try:
         with lease_kept_alive(db, settings, request_id, owner):
             result = dispatch(db, settings, request_id, DispatchRequest.from_payload(row["request_payload"]),
-                              queue_wait_ms=queue_wait_ms, on_attempt=assignment_noter(db, request_id, owner))
+                              queue_wait_ms=queue_wait_ms, holder=Holder(request_id, owner))
     except Exception as error:
         details = _error_details(error)
         with db.connection(autocommit=True) as conn:
@@ -156,15 +157,6 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
     else:
         logger.warning("lease lost before completion; result dropped", extra={"dispatch_id": request_id})
     return result
-
-
-def assignment_noter(db: Database, request_id: str, owner: str) -> Callable[[Attempt], None]:
-    """A callback noting in the queue which model and runtime an attempt uses (feedback needs it)."""
-    def note(attempt: Attempt) -> None:
-        with db.connection(autocommit=True) as conn:
-            request_queue.assign(conn, request_id, owner=owner, model_id=attempt.model_id,
-                                 runtime_id=attempt.runtime_id)
-    return note
 
 
 class LeaseRenewer:
@@ -250,8 +242,11 @@ def _callback_session():
 
 
 def dispatch(db: Database, settings: Settings, request_id: str, request: DispatchRequest, *,
-             queue_wait_ms: float = 0.0, on_attempt=None) -> dict:
-    """Run one request to a validated answer; raise DispatchFailed when every attempt fails."""
+             queue_wait_ms: float = 0.0, holder: Holder | None = None) -> dict:
+    """Run one request to a validated answer; raise DispatchFailed when every attempt fails.
+
+    With a `holder`, each attempt notes its model and runtime on the queued request (feedback needs them).
+    """
     started = time.perf_counter()
     selection = _select(db, settings, request)
     selection_ms = _ms_since(started)
@@ -265,7 +260,7 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
                           model_id=str(candidate.model["id"]), repair=repair_of is not None)
         attempts.append(attempt)
         outcome = run_attempt(db, settings, request_id, request, candidate, attempt,
-                              repair_of=repair_of, queue_wait_ms=queue_wait_ms, on_attempt=on_attempt)
+                              repair_of=repair_of, queue_wait_ms=queue_wait_ms, holder=holder)
         if attempt.outcome == "ok":
             return _answer(request_id, request, selection, outcome, attempts,
                            selection_ms=selection_ms, total_ms=_ms_since(started), queue_wait_ms=queue_wait_ms)
@@ -302,8 +297,8 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
             attempts.append(attempt)
             outcome, started, text = Outcome(attempt=attempt), time.perf_counter(), []
             try:
-                yield from _stream_attempt(db, settings, request_id, request, candidate, outcome, text,
-                                           on_attempt=assignment_noter(db, request_id, owner))
+                yield from _stream_attempt(db, settings, request, candidate, outcome, text,
+                                           holder=Holder(request_id, owner))
             except Problem as error:
                 failed = "timeout" if isinstance(error, ModelServerTimeout) else (
                     "server_error" if attempt.runtime_id else "start_failed")
@@ -339,9 +334,8 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
 DISCONNECTED = "The client disconnected before the answer was complete."
 
 
-def _stream_attempt(db: Database, settings: Settings, request_id: str, request: DispatchRequest,
-                    candidate: Candidate, outcome: Outcome, text: list[str], *,
-                    on_attempt: Callable[[Attempt], None]) -> Iterator[dict]:
+def _stream_attempt(db: Database, settings: Settings, request: DispatchRequest,
+                    candidate: Candidate, outcome: Outcome, text: list[str], *, holder: Holder) -> Iterator[dict]:
     """One model's streamed answer: the start event once it answers, then its text.
 
     The start event waits for the first chunk, so a model that fails before answering is retried
@@ -350,17 +344,16 @@ def _stream_attempt(db: Database, settings: Settings, request_id: str, request: 
     attempt, started = outcome.attempt, time.perf_counter()
     with db.connection(autocommit=True) as conn:
         outcome.built = build_prompt(conn, prompt_request(request, candidate.model))
-    with leased_runtime(db, candidate.model["id"], settings) as runtime:
+    with leased_runtime(db, candidate.model["id"], settings, holder=holder) as runtime:
         outcome.ensure_ms = _ms_since(started)
         attempt.runtime_id = str(runtime["id"])
-        on_attempt(attempt)
         client = client_for(candidate.model, runtime["endpoint"], timeout_s=request.timeout_s)
         stream = client.stream(messages=conversation(request, outcome.built, None),
                                options=generation_options(request))
         chunks = iter(stream)
         try:
             first = next(chunks, None)
-            yield {"request_id": request_id, "model": attempt.model, "runtime_id": attempt.runtime_id}
+            yield {"request_id": holder.request_id, "model": attempt.model, "runtime_id": attempt.runtime_id}
             for chunk in itertools.chain([first] if first is not None else [], chunks):
                 text.append(chunk)
                 yield {"text": chunk}
@@ -407,7 +400,7 @@ def pinned_selection(db: Database, request: DispatchRequest) -> Selection:
 
 def run_attempt(db: Database, settings: Settings, request_id: str, request: DispatchRequest,
                 candidate: Candidate, attempt: Attempt, *, repair_of: Outcome | None,
-                queue_wait_ms: float, on_attempt=None) -> Outcome:
+                queue_wait_ms: float, holder: Holder | None = None) -> Outcome:
     """One model, one runtime, one generation, checked and logged."""
     model = candidate.model
     outcome = Outcome(attempt=attempt)
@@ -415,14 +408,12 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
     try:
         with db.connection(autocommit=True) as conn:  # one read
             outcome.built = build_prompt(conn, prompt_request(request, model))
-        with leased_runtime(db, model["id"], settings) as runtime:
+        with leased_runtime(db, model["id"], settings, holder=holder) as runtime:
             outcome.ensure_ms = _ms_since(started)
             # Cold when the runtime became ready during this attempt: its load time counts here.
             outcome.cold_start = bool(runtime["ready_at"] and runtime["ready_at"] >= started_at)
             outcome.load_time_ms = runtime["load_time_ms"] if outcome.cold_start else None
             attempt.runtime_id = str(runtime["id"])
-            if on_attempt:
-                on_attempt(attempt)
             client = client_for(model, runtime["endpoint"], timeout_s=request.timeout_s)
             outcome.generation = client.generate(
                 messages=conversation(request, outcome.built, repair_of), options=generation_options(request))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import psycopg
 from psycopg.types.json import Jsonb
 
+from services.orchestrator.request_queue import Holder
+
 # Advisory lock namespaces (the first key of the two-key form); the second key is a hash.
 LOCK_MODEL_START = 4_001
 LOCK_HOST_CAPACITY = 4_002
@@ -261,41 +263,59 @@ def record_health(conn: psycopg.Connection, runtime_id: str, health_status: str)
     """, {"id": runtime_id, "health": health_status})
 
 
-def acquire(conn: psycopg.Connection, runtime_id: str) -> dict | None:
+def acquire(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = None) -> dict | None:
     """Count a request on a running runtime; None when it is no longer running."""
-    return _one(conn, """
-        UPDATE container_lifecycle
-        SET active_requests = active_requests + 1, total_requests = total_requests + 1,
-            last_activity = now()
-        WHERE id = %(id)s AND status = 'running'
-        RETURNING *
-    """, {"id": runtime_id})
+    return _acquire(conn, "%(id)s", {"id": runtime_id}, holder)
 
 
-def acquire_warm(conn: psycopg.Connection, model_id: str) -> dict | None:
+def acquire_warm(conn: psycopg.Connection, model_id: str, holder: Holder | None = None) -> dict | None:
     """Count a request on the least-loaded running runtime of a model, in one statement."""
-    return _one(conn, """
+    return _acquire(conn, """(SELECT id FROM container_lifecycle
+                              WHERE model_id = %(model_id)s AND status = 'running'
+                              ORDER BY health_status = 'healthy' DESC, active_requests, total_requests, id
+                              LIMIT 1)""", {"model_id": model_id}, holder)
+
+
+def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder | None) -> dict | None:
+    """The runtime `target` selects, counted busy; noted on the holder's request in the same statement."""
+    acquired = f"""
         UPDATE container_lifecycle
-        SET active_requests = active_requests + 1, total_requests = total_requests + 1,
-            last_activity = now()
-        WHERE id = (SELECT id FROM container_lifecycle
-                    WHERE model_id = %(model_id)s AND status = 'running'
-                    ORDER BY health_status = 'healthy' DESC, active_requests, total_requests, id
-                    LIMIT 1)
-          AND status = 'running'
-        RETURNING *
-    """, {"model_id": model_id})
+        SET active_requests = active_requests + 1, total_requests = total_requests + 1, last_activity = now()
+        WHERE id = {target} AND status = 'running'
+        RETURNING *"""
+    if holder is None:
+        return _one(conn, acquired, params)
+    return _one(conn, f"""
+        WITH acquired AS ({acquired}),
+             noted AS (UPDATE request_queue q
+                       SET assigned_model_id = a.model_id, assigned_runtime_id = a.id, holds_runtime = true
+                       FROM acquired a
+                       WHERE q.id = %(request_id)s AND q.lease_owner = %(owner)s AND q.status = 'processing')
+        SELECT * FROM acquired""", {**params, "request_id": holder.request_id, "owner": holder.owner})
 
 
-def release(conn: psycopg.Connection, runtime_id: str) -> dict | None:
-    """Count a request as finished; also says the model's keep-alive (0 stops at once)."""
-    return _one(conn, """
+def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = None) -> dict | None:
+    """Count a request as finished; also says the model's keep-alive (0 stops at once).
+
+    With a holder, the count drops only if its request still holds the runtime: a request whose
+    lease was reclaimed meanwhile has already given it back.
+    """
+    if holder is None:
+        drop, params = "1", {"id": runtime_id}
+        freed = ""
+    else:
+        drop, params = "(SELECT count(*) FROM freed)", {"id": runtime_id, "request_id": holder.request_id}
+        freed = """WITH freed AS (UPDATE request_queue SET holds_runtime = false
+                                  WHERE id = %(request_id)s AND holds_runtime AND assigned_runtime_id = %(id)s
+                                  RETURNING id)"""
+    return _one(conn, f"""
+        {freed}
         UPDATE container_lifecycle r
-        SET active_requests = greatest(r.active_requests - 1, 0), last_activity = now()
+        SET active_requests = greatest(r.active_requests - {drop}, 0), last_activity = now()
         FROM model_registry m
         WHERE r.id = %(id)s AND m.id = r.model_id
         RETURNING r.id, r.model_id, r.active_requests, r.status, m.keep_alive_seconds
-    """, {"id": runtime_id})
+    """, params)
 
 
 def active_requests(conn: psycopg.Connection, runtime_id: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from dataclasses import dataclass
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -23,6 +24,14 @@ RETURNING id, request_payload, task_type, priority, mode, status, attempts, assi
           assigned_runtime_id, lease_owner, lease_expires_at, callback_url, result, error_details,
           created_at, started_at, completed_at
 """
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The request an attempt runs for, and the lease owner it runs under: what holds a runtime."""
+
+    request_id: str
+    owner: str
 
 
 def lease_owner() -> str:
@@ -76,15 +85,6 @@ def renew_leases(conn: psycopg.Connection, leases: list[tuple[str, str]], *, lea
     return [row["id"] for row in rows]
 
 
-def assign(conn: psycopg.Connection, request_id, *, owner: str, model_id, runtime_id) -> None:
-    """Note which model and runtime the current attempt uses."""
-    conn.execute(
-        "UPDATE request_queue SET assigned_model_id = %s, assigned_runtime_id = %s"
-        " WHERE id = %s AND lease_owner = %s AND status = 'processing'",
-        (model_id, runtime_id, request_id, owner),
-    )
-
-
 def complete(conn: psycopg.Connection, request_id, *, owner: str, result: dict) -> bool:
     """Finish a request this owner still holds; False when its lease was lost meanwhile."""
     row = conn.execute(
@@ -126,18 +126,27 @@ def get(conn: psycopg.Connection, request_id) -> dict | None:
 
 
 def reclaim_expired(conn: psycopg.Connection, *, max_attempts: int) -> list[dict]:
-    """Take back requests whose worker is gone: retry async ones, fail sync ones and spent ones."""
+    """Take back requests whose worker is gone: retry async ones, fail sync ones and spent ones.
+
+    A request that died holding a runtime gives the runtime's busy count back.
+    """
     return conn.execute(
-        "UPDATE request_queue SET"
+        "WITH expired AS (SELECT id, holds_runtime, assigned_runtime_id FROM request_queue"
+        "                 WHERE status = 'processing' AND lease_expires_at < now() FOR UPDATE SKIP LOCKED),"
+        " held AS (SELECT assigned_runtime_id AS runtime_id, count(*) AS requests FROM expired"
+        "          WHERE holds_runtime GROUP BY assigned_runtime_id),"
+        " given_back AS (UPDATE container_lifecycle r"
+        "                SET active_requests = greatest(r.active_requests - held.requests, 0)"
+        "                FROM held WHERE r.id = held.runtime_id)"
+        " UPDATE request_queue SET"
         " status = CASE WHEN mode = 'async' AND attempts < %(max)s THEN 'pending' ELSE 'failed' END,"
         " error_details = CASE WHEN mode = 'async' AND attempts < %(max)s THEN error_details"
         "   ELSE jsonb_build_object('error', 'worker_lost',"
         "        'detail', 'The worker running this request stopped before finishing it.',"
         "        'attempts', attempts) END,"
         " completed_at = CASE WHEN mode = 'async' AND attempts < %(max)s THEN NULL ELSE now() END,"
-        " lease_owner = NULL, lease_expires_at = NULL"
-        " WHERE id IN (SELECT id FROM request_queue WHERE status = 'processing'"
-        "              AND lease_expires_at < now() FOR UPDATE SKIP LOCKED)"
+        " lease_owner = NULL, lease_expires_at = NULL, holds_runtime = false"
+        " WHERE id IN (SELECT id FROM expired)"
         " RETURNING id, mode, status, attempts",
         {"max": max_attempts},
     ).fetchall()

@@ -4,11 +4,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from orchestrator_helpers import insert_model
 
 from services.common.config import Settings
 from services.common.db import PooledDatabase
-from services.orchestrator import request_queue
+from services.orchestrator import queries, request_queue
 from services.orchestrator.pipeline import LeaseRenewer
+from services.orchestrator.request_queue import Holder
 
 PAYLOAD = {"prompt": "hi", "task_type": "conversation"}
 
@@ -64,3 +66,75 @@ def test_a_lease_is_renewed_while_its_block_runs_and_no_longer_after(pooled):
 
     with pooled.connection() as conn:
         assert lease_left_s(conn, request_id) < 2
+
+
+# --- runtimes held by requests ---------------------------------------------------------------------
+
+def running_runtime(conn) -> dict:
+    model = insert_model(conn)
+    return conn.execute(
+        "INSERT INTO container_lifecycle (model_id, driver, status, endpoint, allocated_cpu, allocated_memory)"
+        " VALUES (%s, 'external', 'running', 'http://127.0.0.1:9', 1, 256) RETURNING *", (model["id"],)).fetchone()
+
+
+def runtime_and_request(conn, request_id: str, owner: str = "worker-a"):
+    runtime = running_runtime(conn)
+    sync_request(conn, request_id, owner, lease_seconds=30)
+    return runtime, Holder(request_id, owner)
+
+
+def queued(conn, request_id: str) -> dict:
+    return conn.execute("SELECT assigned_model_id, assigned_runtime_id, holds_runtime, status FROM request_queue"
+                        " WHERE id = %s", (request_id,)).fetchone()
+
+
+def busy(conn, runtime_id) -> int:
+    return queries.active_requests(conn, runtime_id)
+
+
+def test_acquiring_for_a_request_notes_the_runtime_on_it_in_the_same_statement(conn):
+    runtime, holder = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000401")
+
+    acquired = queries.acquire_warm(conn, runtime["model_id"], holder)
+
+    assert acquired["id"] == runtime["id"] and busy(conn, runtime["id"]) == 1
+    assert queued(conn, holder.request_id) == {"assigned_model_id": runtime["model_id"],
+                                               "assigned_runtime_id": runtime["id"], "holds_runtime": True,
+                                               "status": "processing"}
+    queries.release(conn, runtime["id"], holder)
+    assert busy(conn, runtime["id"]) == 0
+    assert queued(conn, holder.request_id)["holds_runtime"] is False
+    # A second release (a bug, or a retry of the statement) does not count the runtime down again.
+    queries.acquire(conn, runtime["id"])
+    queries.release(conn, runtime["id"], holder)
+    assert busy(conn, runtime["id"]) == 1
+
+
+def test_a_request_reclaimed_while_holding_a_runtime_gives_its_busy_count_back_once(conn):
+    runtime, holder = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000402")
+    queries.acquire(conn, runtime["id"], holder)
+    queries.acquire(conn, runtime["id"])            # another request, alive, on the same runtime
+    conn.execute("UPDATE request_queue SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+                 (holder.request_id,))              # its worker was SIGKILLed: the lease lapses
+
+    reclaimed = request_queue.reclaim_expired(conn, max_attempts=3)
+
+    assert [(str(row["id"]), row["status"]) for row in reclaimed] == [(holder.request_id, "failed")]
+    assert busy(conn, runtime["id"]) == 1
+    assert queued(conn, holder.request_id)["holds_runtime"] is False
+    # The dead worker's release, should it still come, finds nothing held.
+    queries.release(conn, runtime["id"], holder)
+    assert busy(conn, runtime["id"]) == 1
+
+
+def test_a_request_reclaimed_after_its_attempt_released_the_runtime_gives_nothing_back(conn):
+    runtime, holder = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000403")
+    queries.acquire(conn, runtime["id"], holder)
+    queries.release(conn, runtime["id"], holder)
+    queries.acquire(conn, runtime["id"])
+    conn.execute("UPDATE request_queue SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+                 (holder.request_id,))
+
+    request_queue.reclaim_expired(conn, max_attempts=3)
+
+    assert busy(conn, runtime["id"]) == 1

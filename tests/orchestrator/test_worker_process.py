@@ -198,5 +198,7 @@ def test_a_request_of_a_killed_worker_is_reclaimed_and_run_once_by_another(clien
     assert performance_rows(database) == [
         {"request_id": uuid.UUID(request_id), "attempt": 1, "success": True, "error_class": None}]
     assert len([r for r in fake.requests if r["method"] == "POST"]) == 2
+    # The dead worker's hold on the runtime was given back when its request was reclaimed.
+    assert [row["active_requests"] for row in database.execute("SELECT active_requests FROM container_lifecycle")] == [0]
     rescuer.send_signal(signal.SIGTERM)
     assert rescuer.wait(timeout=30) == 0
