@@ -5,6 +5,8 @@ model. Task type and requirements come from headers (`X-Dispatch-Task-Type`,
 `X-Dispatch-Complexity`, `X-Dispatch-Max-Retries`), with defaults. Unknown body fields are
 ignored here, unlike the rest of the API: clients send many options this server has no use for.
 Every call is recorded like POST /dispatch (request_queue, performance_logs), streams included.
+A stream's last chunk carries a `dispatch` member (request id, `valid`, and `reasons` when not),
+as a whole answer does: clients ignore members they do not know.
 Errors stay problem+json, with the `error` member each protocol's clients read added.
 """
 from __future__ import annotations
@@ -291,7 +293,13 @@ def _openai_chunks(start: dict, events: Iterator[dict]) -> Iterator[dict]:
             yield {"error": _openai_error(event["error"]["status"], event["error"]["detail"])}
         else:
             yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": event["finish_reason"]}],
-                   "usage": _usage(event["tokens"])}
+                   "usage": _usage(event["tokens"]), "dispatch": _stream_verdict(start, event)}
+
+
+def _stream_verdict(start: dict, end: dict) -> dict:
+    """What a stream's last chunk says of the answer: it could not be repaired, only judged."""
+    return {"request_id": start["request_id"], "valid": end["valid"],
+            **({} if end["valid"] else {"reasons": end["reasons"]})}
 
 
 def _openai_completion(result: dict) -> dict:
@@ -344,7 +352,8 @@ def _ndjson_lines(requested_model: str, *, chat: bool) -> Callable[[dict, Iterat
             elif "error" in event:   # Ollama's own way to end a broken stream; its clients raise on it
                 line = {"error": event["error"]["detail"]}
             else:
-                line = _ollama_done(requested_model, "", event, chat=chat)
+                line = {**_ollama_done(requested_model, "", event, chat=chat),
+                        "dispatch": _stream_verdict(start, event)}
             yield json.dumps(line) + "\n"
 
     return lines

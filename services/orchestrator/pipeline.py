@@ -273,13 +273,15 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
 
 
 def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) -> Iterator[dict]:
-    """A streamed answer (no output validation): a start event, text events, then an end event.
+    """A streamed answer: a start event, text events, then an end event saying whether it is `valid`.
 
     Models are tried in rank order (wrapping around, up to max_retries + 1 attempts) until one
     starts answering; after the first token there is no retry: a failure ends the stream with an
-    error event. Problems before the start event are
-    raised from the first `next()`. Closing the stream early (the client went away) releases the
-    runtime and ends the request as failed.
+    error event. Problems before the start event are raised from the first `next()`. Closing the
+    stream early (the client went away) releases the runtime and ends the request as failed.
+    The whole text is parsed and validated once the stream ends, as `dispatch` does, but an invalid
+    answer is neither repaired nor escalated (the client already has it): the end event, the
+    stored result and the attempt's performance row say it is invalid, and why.
     """
     request_id = str(row["id"])
     request = DispatchRequest.from_payload(row["request_payload"])
@@ -313,9 +315,12 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
                 _record_failure(db, row, owner, {"error": "client_disconnected", "detail": DISCONNECTED,
                                                  "attempts": [asdict(a) for a in attempts]})
                 raise
-            _end_attempt(db, request_id, request, outcome, started, "ok", None)
-            generation = outcome.generation
-            result = {"request_id": request_id, "status": "completed", "streamed": True, "raw": "".join(text),
+            parsed, generation = outcome.parsed, outcome.generation
+            _end_attempt(db, request_id, request, outcome, started,
+                         "ok" if parsed.valid else "invalid_output", None)
+            result = {"request_id": request_id, "status": "completed", "streamed": True,
+                      "response": parsed.value, "raw": "".join(text), "valid": parsed.valid,
+                      "reasons": parsed.reasons, "output_format": request.output_format,
                       "model": {"id": attempt.model_id, "name": candidate.model["name"],
                                 "version": candidate.model["version"]},
                       "runtime_id": attempt.runtime_id, "attempts": [asdict(a) for a in attempts]}
@@ -324,7 +329,8 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
             yield {"finish_reason": generation.finish_reason or "stop",
                    "tokens": {"input": generation.input_tokens, "output": generation.output_tokens},
                    "timings": {"total_ms": attempt.duration_ms, "cold_start_ms": 0.0,
-                               "generation_ms": generation.timings.total_ms}}
+                               "generation_ms": generation.timings.total_ms},
+                   "valid": parsed.valid, **({} if parsed.valid else {"reasons": parsed.reasons})}
             return
     failure = DispatchFailed(request_id, attempts)
     _record_failure(db, row, owner, _error_details(failure))
@@ -339,7 +345,8 @@ def _stream_attempt(db: Database, settings: Settings, request: DispatchRequest,
     """One model's streamed answer: the start event once it answers, then its text.
 
     The start event waits for the first chunk, so a model that fails before answering is retried
-    on the next candidate without the client seeing anything. `outcome` ends with the generation.
+    on the next candidate without the client seeing anything. `outcome` ends with the generation
+    and its whole text parsed (`parsed`, which `_end_attempt` logs; `attempt.reasons`).
     """
     attempt, started = outcome.attempt, time.perf_counter()
     with db.connection(autocommit=True) as conn:
@@ -360,6 +367,8 @@ def _stream_attempt(db: Database, settings: Settings, request: DispatchRequest,
         finally:
             chunks.close()
         outcome.generation = stream.result
+    outcome.parsed = parse_output("".join(text), request.output_format, request.json_schema)
+    attempt.reasons = outcome.parsed.reasons
 
 
 def _end_attempt(db: Database, request_id: str, request: DispatchRequest, outcome: Outcome, started: float,

@@ -1,6 +1,11 @@
-"""POST /dispatch end to end on the test transaction, with fake model servers behind external runtimes."""
+"""POST /dispatch end to end on the test transaction, with fake model servers behind external runtimes.
+
+Streamed requests (the front doors' streams) go through `stream_dispatch` directly, on the same transaction.
+"""
 from __future__ import annotations
 
+import uuid
+from dataclasses import replace
 from unittest.mock import ANY
 
 import pytest
@@ -8,6 +13,8 @@ import pytest
 from fake_model_server import FakeModelServer
 from orchestrator_helpers import insert_model
 from services.orchestrator import create_app, request_queue
+from services.orchestrator.dispatch_schemas import DispatchSchema
+from services.orchestrator.pipeline import stream_dispatch
 from services.orchestrator.worker import WorkerPool
 
 JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
@@ -277,3 +284,49 @@ def test_the_attempt_that_starts_a_runtime_logs_its_load_time(client, conn, fake
                            (cold["runtime_id"],)).fetchone()
     assert load_times == {cold["request_id"]: runtime["load_time_ms"], warm["request_id"]: None}
     assert cold["timings"]["cold_start_ms"] > 0 and warm["timings"]["cold_start_ms"] == 0
+
+
+def streamed(conn, db, settings, **fields) -> tuple[str, list[dict]]:
+    """A request streamed through the pipeline as the front doors stream it: its id and every event."""
+    payload = DispatchSchema().load(dispatch_body(**fields))
+    row = request_queue.enqueue(conn, request_id=str(uuid.uuid4()), payload=payload, task_type=payload["task_type"],
+                                priority=payload["priority"], mode="sync", callback_url=None,
+                                lease_owner="streamer", lease_seconds=30)
+    external_only = replace(settings, runtime_drivers=("external",))
+    return str(row["id"]), list(stream_dispatch(db, external_only, row, owner="streamer"))
+
+
+def test_a_streamed_answer_is_validated_when_it_ends(conn, db, settings):
+    with FakeModelServer(reply='{"answer": 42}') as server:
+        model = served_by(conn, server)
+        request_id, events = streamed(conn, db, settings, output_format="json", json_schema=JSON_SCHEMA)
+
+    assert events == [
+        {"request_id": request_id, "model": f"{model['name']}:1", "runtime_id": ANY},
+        {"text": '{"answer":'}, {"text": " 42}"},
+        {"finish_reason": "stop", "tokens": {"input": ANY, "output": 2}, "timings": ANY, "valid": True}]
+    result = queue_row(conn, request_id)["result"]
+    assert (result["status"], result["response"], result["raw"], result["valid"], result["reasons"]) == (
+        "completed", {"answer": 42}, '{"answer": 42}', True, [])
+    assert performance_rows(conn, request_id) == [
+        {"model_id": model["id"], "attempt": 1, "success": True, "validation_passed": True,
+         "error_class": None, "template_version": 1, "output_tokens": 2}]
+
+
+def test_an_invalid_streamed_answer_is_reported_but_never_repaired(conn, db, settings):
+    reasons = [{"code": "schema_violation", "message": "'forty-two' is not of type 'integer'", "path": "/answer"}]
+    with FakeModelServer(reply='{"answer": "forty-two"}') as server:
+        model = served_by(conn, server)
+        request_id, events = streamed(conn, db, settings, output_format="json", json_schema=JSON_SCHEMA,
+                                      max_retries=2)
+
+    assert events[-1] == {"finish_reason": "stop", "tokens": {"input": ANY, "output": 2}, "timings": ANY,
+                          "valid": False, "reasons": reasons}
+    assert len([r for r in server.requests if r["method"] == "POST"]) == 1
+    row = queue_row(conn, request_id)
+    assert (row["status"], row["result"]["valid"], row["result"]["reasons"], row["result"]["response"]) == (
+        "completed", False, reasons, {"answer": "forty-two"})
+    assert [(a["outcome"], a["reasons"]) for a in row["result"]["attempts"]] == [("invalid_output", reasons)]
+    assert performance_rows(conn, request_id) == [
+        {"model_id": model["id"], "attempt": 1, "success": True, "validation_passed": False,
+         "error_class": "invalid_output", "template_version": 1, "output_tokens": 2}]

@@ -86,7 +86,7 @@ def new_id() -> str:
 
 def queue_row(database, request_id: str) -> dict:
     return database.execute(
-        "SELECT status, mode, task_type, assigned_model_id, request_payload, error_details"
+        "SELECT status, mode, task_type, assigned_model_id, request_payload, result, error_details"
         " FROM request_queue WHERE id = %s", (request_id,)).fetchone()
 
 
@@ -186,11 +186,12 @@ def test_openai_streaming_sends_the_answer_as_server_sent_events(gpt, database, 
         {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
         *[{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces],
         {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-         "usage": {"prompt_tokens": ANY, "completion_tokens": 5, "total_tokens": ANY}},
+         "usage": {"prompt_tokens": ANY, "completion_tokens": 5, "total_tokens": ANY},
+         "dispatch": {"request_id": request_id, "valid": True}},
     ]
     row = queue_row(database, request_id)
-    assert (row["status"], row["assigned_model_id"]) == ("completed", model["id"])
-    assert performance_rows(database, request_id) == [ok_row(model, validation_passed=None)]
+    assert (row["status"], row["assigned_model_id"], row["result"]["valid"]) == ("completed", model["id"], True)
+    assert performance_rows(database, request_id) == [ok_row(model)]
     assert runtime_load(database, model) == [0]
 
 
@@ -206,6 +207,21 @@ def test_openai_json_schema_response_format_returns_the_validated_json(gpt, data
     assert generation_requests(server)[-1]["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "output", "schema": JSON_SCHEMA}}
     assert performance_rows(database, request_id) == [ok_row(model, output_format="json", output_tokens=3)]
+
+
+def test_openai_streamed_json_is_validated_when_the_stream_ends(gpt, database):
+    with FakeModelServer(reply='{"answer": 42}') as server:
+        model = serve(database, server, name="fake-json")
+        request_id = new_id()
+        stream = gpt.chat.completions.create(
+            model="auto", messages=USER, stream=True, extra_headers={"X-Request-ID": request_id},
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": JSON_SCHEMA}})
+        chunks = list(stream)
+    assert json.loads("".join(chunk.choices[0].delta.content or "" for chunk in chunks)) == {"answer": 42}
+    assert chunks[-1].dispatch == {"request_id": request_id, "valid": True}
+    result = queue_row(database, request_id)["result"]
+    assert (result["valid"], result["reasons"], result["response"]) == (True, [], {"answer": 42})
+    assert performance_rows(database, request_id) == [ok_row(model, output_format="json", output_tokens=2)]
 
 
 def test_openai_models_lists_auto_and_the_models_the_dispatcher_can_run(gpt, model):
@@ -363,7 +379,7 @@ def test_ollama_chat_streams_ndjson(dispatcher, database, model):
         ("Hello", False), (" from", False), (" the", False), (" fake", False), (" model.", False), ("", True)]
     assert (parts[-1].model, parts[-1].done_reason, parts[-1].eval_count) == ("fake-chat:latest", "stop", 5)
     assert queue_row(database, request_id)["status"] == "completed"
-    assert performance_rows(database, request_id) == [ok_row(model, validation_passed=None)]
+    assert performance_rows(database, request_id) == [ok_row(model)]
     assert runtime_load(database, model) == [0]
 
 
@@ -396,6 +412,27 @@ def test_ollama_format_asks_for_json_and_validates_it(dispatcher, database, outp
         "type": "json_schema", "json_schema": {"name": "output", "schema": JSON_SCHEMA}}
     assert generation_requests(server)[-1]["response_format"] == expected
     assert performance_rows(database, request_id) == [ok_row(model, output_format="json", output_tokens=2)]
+
+
+def test_ollama_streamed_json_that_does_not_validate_says_so_in_its_last_line(dispatcher, database):
+    reasons = [{"code": "no_json_found", "message": "No JSON object or array was found in the output."}]
+    with FakeModelServer(reply="forty-two") as server:
+        model = serve(database, server, name="fake-prose")
+        request_id, raw_id = new_id(), new_id()
+        parts = list(llama(dispatcher, **{"X-Request-ID": request_id}).chat(
+            model="auto", messages=USER, format=JSON_SCHEMA, stream=True))
+        with requests.post(f"{dispatcher}/api/chat", timeout=10, headers={"X-Request-ID": raw_id},
+                           json={"model": "auto", "messages": USER, "format": "json"}) as raw:
+            last = json.loads(raw.text.splitlines()[-1])
+    assert [(p.message.content, p.done) for p in parts] == [("forty-two", False), ("", True)]
+    assert (last["done"], last["dispatch"]) == (
+        True, {"request_id": raw_id, "valid": False, "reasons": reasons})
+    row = queue_row(database, request_id)
+    assert (row["status"], row["result"]["valid"], row["result"]["reasons"]) == ("completed", False, reasons)
+    assert performance_rows(database, request_id) == [{
+        **ok_row(model, output_format="json", validation_passed=False, output_tokens=1),
+        "error_class": "invalid_output"}]
+    assert len(generation_requests(server)) == 2     # one per request: a streamed answer is never repaired
 
 
 def test_ollama_tags_ps_and_version(dispatcher, database, model):
