@@ -5,6 +5,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 
 from services.common.vocabulary import OUTPUT_FORMATS, TASK_TYPES
 from services.orchestrator.schemas import MessageSchema
+from services.prompt_builder.formats import json_schema_problem
 from services.registry.selection import COMPLEXITY_LEVELS
 
 MODEL_REF = r"^[a-z0-9][a-z0-9._-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?$"
@@ -76,8 +77,16 @@ class DispatchSchema(Schema):
             raise ValidationError("Give exactly one of prompt or messages.", "prompt")
         if "messages" in data and data["messages"][-1]["role"] != "user":
             raise ValidationError("The last message must be a user message.", "messages")
-        if data.get("json_schema") is not None and data.get("output_format") != "json":
-            raise ValidationError("json_schema needs output_format json.", "json_schema")
+        if data.get("json_schema") is not None:
+            _check_json_schema(data["json_schema"], data.get("output_format"))
+
+
+def _check_json_schema(json_schema: dict, output_format: str | None) -> None:
+    if output_format != "json":
+        raise ValidationError("json_schema needs output_format json.", "json_schema")
+    # Checked here too, not only when the prompt is built: a queued request must not fail later for it.
+    if problem := json_schema_problem(json_schema):
+        raise ValidationError(problem, "json_schema")
 
 
 class AcceptedSchema(Schema):

@@ -30,6 +30,7 @@ from services.orchestrator.dispatch_api import dispatch_request_id, enqueue_sync
 from services.orchestrator.dispatch_schemas import MODEL_REF, TASK_TYPES, Complexity, MessageSchema
 from services.orchestrator.pipeline import run_queued_request, stream_dispatch
 from services.orchestrator.schemas import MAX_TEXT_CHARS
+from services.prompt_builder.formats import json_schema_problem
 
 blp = Blueprint("front_doors", __name__, description="OpenAI- and Ollama-compatible front doors")
 
@@ -251,6 +252,8 @@ def _dispatch_request(headers: dict, body: dict, *, messages: list[dict], output
     if model != AUTO and not _is_model_ref(model):
         raise Unprocessable(f"model {body['model']!r} is neither 'auto' nor a model name.",
                             errors={"json": {"model": ["Unknown model name syntax."]}})
+    if json_schema is not None and (problem := json_schema_problem(json_schema)):
+        raise Unprocessable(problem)
     return {
         "task_type": headers["task_type"], "complexity": headers["complexity"],
         "max_retries": headers["max_retries"], "messages": messages, "output_format": output_format,

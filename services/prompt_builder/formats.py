@@ -6,13 +6,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from jsonschema_specifications import REGISTRY as META_SCHEMAS
 from referencing.exceptions import Unresolvable
 
 from services.common.errors import Unprocessable
 from services.common.vocabulary import OUTPUT_FORMATS, PROTOCOLS
+from services.prompt_builder.re2_validator import RE2_FORMAT_CHECKER, Re2Validator, UnsupportedPattern
 
 FORMATS = OUTPUT_FORMATS
 # The name OpenAI's response_format requires for a schema; it only labels the schema.
@@ -53,8 +53,10 @@ def json_schema_problem(schema: Any) -> str | None:
     if not isinstance(schema, dict):
         return "json_schema must be a JSON object."
     try:
-        Draft202012Validator.check_schema(schema)
+        Re2Validator.check_schema(schema, format_checker=RE2_FORMAT_CHECKER)
     except SchemaError as error:
+        if isinstance(error.cause, UnsupportedPattern):
+            return _pattern_problem(error.cause, _json_pointer(error.absolute_path))
         return f"json_schema is not a valid JSON Schema (Draft 2020-12): {error.message}"
     except RecursionError:
         return "json_schema is nested too deeply."
@@ -241,15 +243,24 @@ def _balanced_end(text: str, start: int) -> int | None:
 def _schema_violations(value: Any, json_schema: dict) -> list[dict]:
     # Only the bundled meta-schemas: jsonschema's default registry would fetch a remote $ref,
     # letting a request make this service call any URL.
-    validator = Draft202012Validator(json_schema, registry=META_SCHEMAS)
+    validator = Re2Validator(json_schema, registry=META_SCHEMAS)
     try:
         errors = sorted(validator.iter_errors(value), key=lambda e: ([str(p) for p in e.absolute_path], e.message))
     except Unresolvable as error:
         raise Unprocessable(f"json_schema has a reference that cannot be resolved: {error}") from error
+    except UnsupportedPattern as error:
+        # Only a pattern outside any subschema, reached through a $ref, gets past json_schema_problem.
+        raise Unprocessable(_pattern_problem(error)) from error
     except RecursionError as error:
         raise Unprocessable("json_schema is nested too deeply to validate with.") from error
     return [_reason("schema_violation", error.message, _json_pointer(error.absolute_path))
             for error in errors[:MAX_SCHEMA_ERRORS]]
+
+
+def _pattern_problem(error: UnsupportedPattern, where: str | None = None) -> str:
+    location = f" at {where}" if where else ""
+    return (f"json_schema has a pattern{location} that RE2 cannot compile: {error}. Patterns run on RE2, "
+            "in linear time, which has no lookahead, lookbehind or backreferences.")
 
 
 def _json_pointer(path) -> str:

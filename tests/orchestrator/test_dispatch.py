@@ -98,6 +98,21 @@ def test_json_output_is_parsed_and_validated_against_the_schema(client, conn):
     assert sent["response_format"]["type"] == "json_schema"
 
 
+@pytest.mark.parametrize("code, status, outcome, reasons", [
+    ("EUR-2024", 200, "ok", []),
+    ("eur-2024", 502, "invalid_output", [{"code": "schema_violation", "path": "/code",
+                                          "message": "'eur-2024' does not match '^[A-Z]{3}-[0-9]{4}$'"}]),
+])
+def test_a_schema_pattern_is_checked_on_the_output(client, conn, code, status, outcome, reasons):
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}}}
+    with FakeModelServer(reply=f'{{"code": "{code}"}}') as server:
+        served_by(conn, server)
+        response = client.post("/dispatch", json=dispatch_body(output_format="json", json_schema=schema,
+                                                               max_retries=0))
+    assert response.status_code == status
+    assert [(a["outcome"], a["reasons"]) for a in response.get_json()["attempts"]] == [(outcome, reasons)]
+
+
 def test_invalid_output_is_repaired_once_then_escalated_to_a_stronger_model(client, conn):
     with FakeModelServer(reply="forty-two") as weak, FakeModelServer(reply='{"answer": 42}') as strong:
         small = served_by(conn, weak, complexity=3, name="aaa-small")
@@ -183,6 +198,15 @@ def test_a_pinned_model_skips_selection(client, conn, fake_server):
     (dispatch_body(complexity="extreme"),
      {"complexity": ["Must be an integer from 1 to 10, or one of: low, medium, high."]}),
     (dispatch_body(json_schema={"type": "object"}), {"json_schema": ["json_schema needs output_format json."]}),
+    (dispatch_body(output_format="json", json_schema={"type": "object", "minProperties": -1}), {"json_schema": [
+        "json_schema is not a valid JSON Schema (Draft 2020-12): -1 is less than the minimum of 0"]}),
+    (dispatch_body(output_format="json", json_schema={"properties": {"id": {"pattern": "^(?!test-)"}}}), {
+        "json_schema": ["json_schema has a pattern at /properties/id/pattern that RE2 cannot compile: "
+                        "'^(?!test-)' (invalid perl operator: (?!). Patterns run on RE2, in linear time, which "
+                        "has no lookahead, lookbehind or backreferences."]}),
+    (dispatch_body(output_format="json", json_schema={"pattern": "(a)\\1"}, **{"async": True}), {"json_schema": [
+        "json_schema has a pattern at /pattern that RE2 cannot compile: '(a)\\\\1' (invalid escape sequence: \\1). "
+        "Patterns run on RE2, in linear time, which has no lookahead, lookbehind or backreferences."]}),
     (dispatch_body(callback_url="file:///etc/passwd"), {"callback_url": ["Not a valid URL."]}),
     (dispatch_body(colour="red"), {"colour": ["Unknown field."]}),
     ({"messages": [{"role": "assistant", "content": "hi"}]},

@@ -27,6 +27,10 @@ REPLY = "Hello from the fake model."
 JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
 TASK_TYPES = ["conversation", "question-answering", "text-generation"]
 USER = [{"role": "user", "content": "Say hello."}]
+LOOKAHEAD_SCHEMA = {"type": "object", "properties": {"id": {"type": "string", "pattern": "^(?!test-)"}}}
+LOOKAHEAD_PROBLEM = ("json_schema has a pattern at /properties/id/pattern that RE2 cannot compile: '^(?!test-)' "
+                     "(invalid perl operator: (?!). Patterns run on RE2, in linear time, which has no lookahead, "
+                     "lookbehind or backreferences.")
 
 
 @pytest.fixture
@@ -222,6 +226,15 @@ def test_openai_streamed_json_is_validated_when_the_stream_ends(gpt, database):
     result = queue_row(database, request_id)["result"]
     assert (result["valid"], result["reasons"], result["response"]) == (True, [], {"answer": 42})
     assert performance_rows(database, request_id) == [ok_row(model, output_format="json", output_tokens=2)]
+
+
+def test_openai_schema_with_a_pattern_re2_cannot_run_is_a_422_and_records_nothing(gpt, database, model):
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        gpt.chat.completions.create(model="auto", messages=USER, response_format={
+            "type": "json_schema", "json_schema": {"name": "answer", "schema": LOOKAHEAD_SCHEMA}})
+    assert caught.value.response.json()["error"] == {
+        "message": LOOKAHEAD_PROBLEM, "type": "invalid_request_error", "code": 422}
+    assert database.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == 0
 
 
 def test_openai_models_lists_auto_and_the_models_the_dispatcher_can_run(gpt, model):
@@ -465,6 +478,13 @@ def test_ollama_bad_header_is_a_422_the_client_reports(dispatcher, database, mod
         llama(dispatcher, **{"X-Dispatch-Complexity": "0"}).chat(model="auto", messages=USER, stream=False)
     assert (caught.value.status_code, caught.value.error) == (
         422, "The request is invalid: see errors for each field.")
+    assert database.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == 0
+
+
+def test_ollama_format_with_a_pattern_re2_cannot_run_is_a_422_the_client_reports(dispatcher, database, model):
+    with pytest.raises(ollama.ResponseError) as caught:
+        llama(dispatcher).chat(model="auto", messages=USER, format=LOOKAHEAD_SCHEMA, stream=False)
+    assert (caught.value.status_code, caught.value.error) == (422, LOOKAHEAD_PROBLEM)
     assert database.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == 0
 
 

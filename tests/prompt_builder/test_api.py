@@ -10,6 +10,10 @@ from tests.prompt_builder.conftest import real_output
 
 TASKS = "text-generation, code-generation, question-answering, conversation, summarization, classification"
 INVALID = "The request is invalid: see errors for each field."
+LOOKAHEAD_SCHEMA = {"type": "object", "properties": {"id": {"type": "string", "pattern": "^(?!test-)"}}}
+LOOKAHEAD_PROBLEM = ("json_schema has a pattern at /properties/id/pattern that RE2 cannot compile: '^(?!test-)' "
+                     "(invalid perl operator: (?!). Patterns run on RE2, in linear time, which has no lookahead, "
+                     "lookbehind or backreferences.")
 
 
 def problem(response, status: int, detail: str, **members) -> dict:
@@ -181,6 +185,8 @@ def test_build(client):
       "json_schema": {"type": "object", "minProperties": -1}}, {
         "json_schema": ["json_schema is not a valid JSON Schema (Draft 2020-12): -1 is less than the "
                         "minimum of 0"]}),
+    ({"prompt": "x", "task_type": "conversation", "model": "phi3", "output_format": "json",
+      "json_schema": LOOKAHEAD_SCHEMA}, {"json_schema": [LOOKAHEAD_PROBLEM]}),
     ({"task_type": "conversation", "model": "phi3", "max_prompt_chars": 10**9}, {
         "prompt": ["Missing data for required field."], "max_prompt_chars": ["Unknown field."]}),
 ])
@@ -236,12 +242,27 @@ def test_parse_valid_and_invalid_real_outputs(client):
     ({"raw": "{}", "output_format": "json", "json_schema": {"type": "nope"}}, {
         "json_schema": ["json_schema is not a valid JSON Schema (Draft 2020-12): 'nope' is not valid under "
                         "any of the given schemas"]}),
+    ({"raw": '{"id": "x"}', "output_format": "json", "json_schema": LOOKAHEAD_SCHEMA},
+     {"json_schema": [LOOKAHEAD_PROBLEM]}),
     ({"raw": "x" * 500_001, "output_format": "text"}, {"raw": ["Longer than maximum length 500000."]}),
 ])
 def test_parse_rejects_bad_requests(client, body, errors):
     response = client.post("/responses/parse", json=body)
     assert (response.status_code, response.get_json()) == (
         422, problem(response, 422, INVALID, errors={"json": errors}))
+
+
+@pytest.mark.parametrize("code, reasons", [
+    ("EUR-2024", []),
+    ("eur-2024", [{"code": "schema_violation", "path": "/code",
+                   "message": "'eur-2024' does not match '^[A-Z]{3}-[0-9]{4}$'"}]),
+])
+def test_parse_checks_patterns(client, code, reasons):
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}}}
+    response = client.post("/responses/parse", json={"raw": f'{{"code": "{code}"}}', "output_format": "json",
+                                                     "json_schema": schema})
+    assert (response.status_code, response.get_json()) == (200, {
+        "valid": not reasons, "value": {"code": code}, "language": None, "reasons": reasons})
 
 
 def test_parse_with_an_unresolvable_reference_is_a_422(client):

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import http.server
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +23,8 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
           "required": ["name", "age"]}
 NO_CODE = [{"code": "no_code_block", "message": "The output has no fenced code block."}]
 EMPTY = [{"code": "empty_output", "message": "The model returned no content."}]
+RE2_LIMITS = "Patterns run on RE2, in linear time, which has no lookahead, lookbehind or backreferences."
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- real SmolLM2 outputs ------------------------------------------------------------------------
@@ -118,8 +125,8 @@ def test_schema_violations_are_capped():
 @pytest.mark.parametrize("schema, problem", [
     ({"type": "foo"}, "json_schema is not a valid JSON Schema (Draft 2020-12): 'foo' is not valid under "
                       "any of the given schemas"),
-    ({"type": "string", "pattern": "("}, "json_schema is not a valid JSON Schema (Draft 2020-12): "
-                                         "'(' is not a 'regex'"),
+    ({"type": "string", "pattern": "("}, "json_schema has a pattern at /pattern that RE2 cannot compile: '(' "
+                                         "(missing ): (). " + RE2_LIMITS),
     ({"required": "name"}, "json_schema is not a valid JSON Schema (Draft 2020-12): 'name' is not of "
                            "type 'array'"),
     ([], "json_schema must be a JSON object."),
@@ -186,6 +193,118 @@ def test_a_remote_reference_is_never_fetched():
     assert requests == []
     # Draft references resolve from the bundled meta-schemas.
     assert parse_output("{}", "json", {"$ref": "https://json-schema.org/draft/2020-12/schema"}).valid
+
+
+# --- regexes (RE2) -------------------------------------------------------------------------------
+
+CATASTROPHIC = "^(a+)+$"
+# Against CATASTROPHIC, Python's backtracking `re` tries about 2**5000 ways to split the a's.
+ADVERSARIAL = "a" * 5000 + "!"
+DRAFT_07 = "http://json-schema.org/draft-07/schema#"
+
+
+def parse_in_child(cases: list[tuple[str, dict]]) -> list[dict]:
+    """parse_output of each (raw, schema) as json, in a child process: on a backtracking engine it never returns."""
+    script = ("import dataclasses, json, sys\n"
+              "from services.prompt_builder.formats import parse_output\n"
+              "cases = json.load(sys.stdin)\n"
+              "print(json.dumps([dataclasses.asdict(parse_output(raw, 'json', schema)) for raw, schema in cases]))")
+    child = subprocess.run([sys.executable, "-c", script], input=json.dumps(cases), capture_output=True,
+                           text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert child.returncode == 0, child.stderr
+    return json.loads(child.stdout)
+
+
+def violation(message: str, path: str) -> dict:
+    return {"code": "schema_violation", "message": message, "path": path}
+
+
+def test_a_catastrophic_pattern_on_adversarial_output_is_invalid_not_a_hung_thread():
+    answer = {"answer": ADVERSARIAL}
+    keyed = {ADVERSARIAL: 1}
+    cases = [
+        (answer, {"properties": {"answer": {"type": "string", "pattern": CATASTROPHIC}}}),
+        (keyed, {"patternProperties": {CATASTROPHIC: {}}, "additionalProperties": False}),
+        (keyed, {"patternProperties": {CATASTROPHIC: {}}, "unevaluatedProperties": False}),
+        # A subschema's own $schema, or a $ref to a root that has one, must not switch to a stock validator.
+        (answer, {"properties": {"answer": {"$schema": DRAFT_07, "pattern": CATASTROPHIC}}}),
+        ({"next": answer}, {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                            "properties": {"next": {"$ref": "#"}, "answer": {"pattern": CATASTROPHIC}}}),
+        ({"answer": "a" * 5000}, {"properties": {"answer": {"pattern": CATASTROPHIC}}}),
+    ]
+    no_match = f"{ADVERSARIAL!r} does not match {CATASTROPHIC!r}"
+    assert parse_in_child([(json.dumps(value), schema) for value, schema in cases]) == [
+        {"valid": False, "value": answer, "reasons": [violation(no_match, "/answer")], "language": None},
+        {"valid": False, "value": keyed, "language": None, "reasons": [
+            violation(f"{ADVERSARIAL!r} does not match any of the regexes: {CATASTROPHIC!r}", "")]},
+        {"valid": False, "value": keyed, "language": None, "reasons": [
+            violation(f"Unevaluated properties are not allowed ({ADVERSARIAL!r} was unexpected)", "")]},
+        {"valid": False, "value": answer, "reasons": [violation(no_match, "/answer")], "language": None},
+        {"valid": False, "value": {"next": answer}, "reasons": [violation(no_match, "/next/answer")],
+         "language": None},
+        {"valid": True, "value": {"answer": "a" * 5000}, "reasons": [], "language": None},
+    ]
+
+
+CODE = {"type": "object", "properties": {"code": {"type": "string", "pattern": r"^[A-Z]{3}-\d{4}$"}},
+        "patternProperties": {"^x-": {"type": "integer"}}, "additionalProperties": False}
+
+
+@pytest.mark.parametrize("value, reasons", [
+    ({"code": "ABC-1234", "x-rank": 2}, []),
+    ({"code": "abc-1234"}, [violation(r"'abc-1234' does not match '^[A-Z]{3}-\\d{4}$'", "/code")]),
+    ({"code": "ABC-1234", "x-rank": "2"}, [violation("'2' is not of type 'integer'", "/x-rank")]),
+    ({"code": "ABC-1234", "rank": 2}, [violation("'rank' does not match any of the regexes: '^x-'", "")]),
+    ({"code": "ABC-١٢٣٤"}, [violation(r"'ABC-١٢٣٤' does not match '^[A-Z]{3}-\\d{4}$'", "/code")]),
+])
+def test_ordinary_patterns_validate_both_ways(value, reasons):
+    assert parse_output(json.dumps(value), "json", CODE) == ParsedOutput(not reasons, value, reasons)
+
+
+@pytest.mark.parametrize("pattern, text, matches", [
+    (r"^[\u0041-\u005A]+$", "ABC", True),       # ECMA-262's \uXXXX escape
+    (r"^[\u0041-\u005A]+$", "abc", False),
+    (r"^\\u0041$", "\\u0041", True),            # an escaped backslash, then a plain "u0041"
+    ("^caf\u00e9$", "café", True),
+    (r"^\p{L}+$", "été", True),
+    ("^.$", "\ud800", True),                    # a lone surrogate, which JSON can escape
+])
+def test_patterns_match_as_written(pattern, text, matches):
+    schema = {"properties": {"text": {"pattern": pattern}}}
+    assert parse_output(json.dumps({"text": text}), "json", schema).valid is matches
+
+
+@pytest.mark.parametrize("schema, problem", [
+    ({"properties": {"code": {"type": "string", "pattern": "^(?!test)"}}},
+     "json_schema has a pattern at /properties/code/pattern that RE2 cannot compile: '^(?!test)' "
+     "(invalid perl operator: (?!). "),
+    ({"items": {"pattern": r"^(a)\1$"}},
+     r"json_schema has a pattern at /items/pattern that RE2 cannot compile: '^(a)\\1$' "
+     r"(invalid escape sequence: \1). "),
+    ({"patternProperties": {"(?<=x)y": {}}},
+     "json_schema has a pattern at /patternProperties that RE2 cannot compile: '(?<=x)y' "
+     "(invalid perl operator: (?<=). "),
+    ({"pattern": r"^\u0041(?=B)"}, "json_schema has a pattern at /pattern that RE2 cannot compile: "
+                                  r"'^\\u0041(?=B)' (invalid perl operator: (?=). "),
+    ({"pattern": "\ud800"}, "json_schema has a pattern at /pattern that RE2 cannot compile: '\\ud800' "
+                             "(a lone surrogate is not a character). "),
+    ({"pattern": "x" * 300_000}, "json_schema has a pattern at /pattern that RE2 cannot compile: "
+                                 f"'{'x' * 200}...' (pattern too large - compile failed). "),
+])
+def test_patterns_re2_cannot_run_are_refused_with_the_schema(schema, problem):
+    assert json_schema_problem(schema) == problem + RE2_LIMITS
+    with pytest.raises(Unprocessable) as caught:
+        parse_output("{}", "json", schema)
+    assert caught.value.detail == problem + RE2_LIMITS
+
+
+def test_a_pattern_reached_only_through_a_reference_is_refused_when_used():
+    schema = {"$ref": "#/notes", "notes": {"pattern": "(?=a)"}}
+    assert json_schema_problem(schema) is None      # the meta-schema does not look inside unknown keywords
+    with pytest.raises(Unprocessable) as caught:
+        parse_output('"a"', "json", schema)
+    assert caught.value.detail == ("json_schema has a pattern that RE2 cannot compile: '(?=a)' "
+                                   "(invalid perl operator: (?=). " + RE2_LIMITS)
 
 
 # --- code ----------------------------------------------------------------------------------------
