@@ -50,7 +50,15 @@ RETURNING *
 
 def insert_performance(conn: psycopg.Connection, rows: list[dict]) -> list[dict]:
     """Insert performance rows in one statement (all or nothing), in order."""
-    return conn.execute(INSERT_PERFORMANCE, {"rows": _jsonb(rows)}).fetchall()
+    return conn.execute(INSERT_PERFORMANCE, {"rows": performance_rows(rows)}).fetchall()
+
+
+def performance_rows(rows: list[dict]) -> Jsonb:
+    """The `rows` parameter of INSERT_PERFORMANCE (which other statements may embed as a step)."""
+    unknown = {key for row in rows for key in row} - set(PERFORMANCE_COLUMNS)
+    if unknown:
+        raise TypeError(f"unknown performance_logs columns: {sorted(unknown)}")
+    return _jsonb(rows)
 
 
 SUMMARY = """

@@ -84,34 +84,49 @@ def acquire_runtime(db: Database, runtime_id: str, holder: Holder | None = None)
         return queries.acquire(conn, runtime_id, holder)
 
 
-def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: Holder | None = None) -> dict | None:
-    """Count a request as finished; a model with keep-alive 0 stops as soon as it is idle."""
-    with db.connection(autocommit=True) as conn:
-        row = queries.release(conn, runtime_id, holder)
+def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: Holder | None = None, *,
+                    performance: dict | None = None) -> dict | None:
+    """Count a request as finished; a model with keep-alive 0 stops as soon as it is idle.
+
+    `performance`, the attempt's performance_logs row, is written by the same statement; if it
+    cannot be written, the runtime is released all the same (a lost log row must not keep it busy).
+    """
+    try:
+        with db.connection(autocommit=True) as conn:
+            row = queries.release(conn, runtime_id, holder, performance)
+    except Exception:  # whatever kept the row out, the release itself must happen
+        if performance is None:
+            raise
+        logger.exception("could not log a performance row", extra={"runtime_id": str(runtime_id)})
+        with db.connection(autocommit=True) as conn:
+            row = queries.release(conn, runtime_id, holder)
     if row and row["keep_alive_seconds"] == 0 and row["active_requests"] == 0 and row["status"] == "running":
         _stop_if_idle(db, runtime_id, settings)
     return row
 
 
-@contextmanager
-def leased_runtime(db: Database, model_id: str, settings: Settings, *, holder: Holder | None = None,
-                   attempts: int = 3) -> Iterator[dict]:
-    """A ready runtime of the model, counted busy for the duration of the block (dispatch's wrapper).
+def lease_runtime(db: Database, model_id: str, settings: Settings, *, holder: Holder | None = None,
+                  attempts: int = 3) -> dict:
+    """A ready runtime of the model, counted busy until `release_runtime`.
 
     With a `holder`, its request notes the model and runtime in the same statement that counts it.
     """
-    runtime = None
     for _ in range(attempts):
         with db.connection(autocommit=True) as conn:
             runtime = queries.acquire_warm(conn, model_id, holder)
         if runtime:
-            break
+            return runtime
         runtime = acquire_runtime(db, ensure_runtime(db, model_id, settings)["id"], holder)
         if runtime:
-            break
-    if not runtime:
-        raise RuntimeUnavailable(f"no runtime of model {model_id} stayed up long enough to take the request",
-                                 model_id=str(model_id))
+            return runtime
+    raise RuntimeUnavailable(f"no runtime of model {model_id} stayed up long enough to take the request",
+                             model_id=str(model_id))
+
+
+@contextmanager
+def leased_runtime(db: Database, model_id: str, settings: Settings, *, holder: Holder | None = None) -> Iterator[dict]:
+    """A ready runtime of the model, counted busy for the duration of the block."""
+    runtime = lease_runtime(db, model_id, settings, holder=holder)
     try:
         yield runtime
     finally:

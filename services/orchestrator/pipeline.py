@@ -31,7 +31,7 @@ from services.optimizer.performance import log_performance
 from services.orchestrator import request_queue
 from services.orchestrator.request_queue import Holder
 from services.orchestrator.generation import resolve_model
-from services.orchestrator.lifecycle import leased_runtime
+from services.orchestrator.lifecycle import lease_runtime, leased_runtime, release_runtime
 from services.orchestrator.protocols import (Generation, ModelServerTimeout, Options,
                                              client_for)
 from services.prompt_builder.formats import ParsedOutput, parse_output, repair_prompt
@@ -410,34 +410,49 @@ def pinned_selection(db: Database, request: DispatchRequest) -> Selection:
 def run_attempt(db: Database, settings: Settings, request_id: str, request: DispatchRequest,
                 candidate: Candidate, attempt: Attempt, *, repair_of: Outcome | None,
                 queue_wait_ms: float, holder: Holder | None = None) -> Outcome:
-    """One model, one runtime, one generation, checked and logged."""
+    """One model, one runtime, one generation, checked; logged by the statement that releases the runtime."""
     model = candidate.model
     outcome = Outcome(attempt=attempt)
     started, started_at = time.perf_counter(), datetime.now(timezone.utc)
     try:
         with db.connection(autocommit=True) as conn:  # one read
             outcome.built = build_prompt(conn, prompt_request(request, model))
-        with leased_runtime(db, model["id"], settings, holder=holder) as runtime:
-            outcome.ensure_ms = _ms_since(started)
-            # Cold when the runtime became ready during this attempt: its load time counts here.
-            outcome.cold_start = bool(runtime["ready_at"] and runtime["ready_at"] >= started_at)
-            outcome.load_time_ms = runtime["load_time_ms"] if outcome.cold_start else None
-            attempt.runtime_id = str(runtime["id"])
-            client = client_for(model, runtime["endpoint"], timeout_s=request.timeout_s)
-            outcome.generation = client.generate(
-                messages=conversation(request, outcome.built, repair_of), options=generation_options(request))
+        runtime = lease_runtime(db, model["id"], settings, holder=holder)
+    except Problem as error:  # no prompt, or no runtime to run it on
+        attempt.outcome, attempt.error = "start_failed", error.detail
+        attempt.duration_ms = _ms_since(started)
+        _log_attempt(db, request_id, request, outcome, queue_wait_ms)
+        return outcome
+    performance = None
+    try:
+        outcome.ensure_ms = _ms_since(started)
+        # Cold when the runtime became ready during this attempt: its load time counts here.
+        outcome.cold_start = bool(runtime["ready_at"] and runtime["ready_at"] >= started_at)
+        outcome.load_time_ms = runtime["load_time_ms"] if outcome.cold_start else None
+        attempt.runtime_id = str(runtime["id"])
+        _generate(outcome, model, runtime, request, repair_of)
+        attempt.duration_ms = _ms_since(started)
+        performance = _performance_row(request_id, request, outcome, queue_wait_ms)
+    finally:
+        release_runtime(db, runtime["id"], settings, holder, performance=performance)
+    return outcome
+
+
+def _generate(outcome: Outcome, model: dict, runtime: dict, request: DispatchRequest,
+              repair_of: Outcome | None) -> None:
+    """Generate on the runtime and check the output; the attempt's outcome says how it went."""
+    attempt = outcome.attempt
+    try:
+        client = client_for(model, runtime["endpoint"], timeout_s=request.timeout_s)
+        outcome.generation = client.generate(
+            messages=conversation(request, outcome.built, repair_of), options=generation_options(request))
         outcome.parsed = parse_output(outcome.generation.text, request.output_format, request.json_schema)
         attempt.outcome = "ok" if outcome.parsed.valid else "invalid_output"
         attempt.reasons = outcome.parsed.reasons
     except ModelServerTimeout as error:
         attempt.outcome, attempt.error = "timeout", error.detail
     except Problem as error:
-        # Start failures (RuntimeUnavailable...) and server errors (ModelServerError) alike.
-        attempt.outcome = "server_error" if outcome.ensure_ms else "start_failed"
-        attempt.error = error.detail
-    attempt.duration_ms = _ms_since(started)
-    _log_attempt(db, request_id, request, outcome, queue_wait_ms)
-    return outcome
+        attempt.outcome, attempt.error = "server_error", error.detail
 
 
 def prompt_request(request: DispatchRequest, model: dict) -> PromptRequest:
@@ -484,9 +499,19 @@ def _next_candidate(candidates: list[Candidate], index: int, *, escalate: bool) 
 
 def _log_attempt(db: Database, request_id: str, request: DispatchRequest, outcome: Outcome,
                  queue_wait_ms: float) -> None:
+    """Log an attempt in a statement of its own (an attempt that held a runtime is logged with its release)."""
+    try:
+        with db.connection(autocommit=True) as conn:
+            log_performance(conn, _performance_row(request_id, request, outcome, queue_wait_ms))
+    except Exception:  # a lost log row must not lose the answer
+        logger.exception("could not log a performance row", extra={"dispatch_id": request_id})
+
+
+def _performance_row(request_id: str, request: DispatchRequest, outcome: Outcome, queue_wait_ms: float) -> dict:
+    """The attempt's performance_logs row."""
     attempt, generation = outcome.attempt, outcome.generation
     timings = generation.timings if generation else None
-    row = {
+    return {
         "model_id": attempt.model_id,
         "runtime_id": attempt.runtime_id,
         "request_id": request_id,
@@ -506,11 +531,6 @@ def _log_attempt(db: Database, request_id: str, request: DispatchRequest, outcom
         "error_class": None if attempt.outcome == "ok" else attempt.outcome,
         "error_message": (attempt.error or "")[:5000] or None,
     }
-    try:
-        with db.connection(autocommit=True) as conn:
-            log_performance(conn, row)
-    except Exception:  # a lost log row must not lose the answer
-        logger.exception("could not log a performance row", extra={"dispatch_id": request_id})
 
 
 def _answer(request_id: str, request: DispatchRequest, selection: Selection, outcome: Outcome,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import psycopg
 from psycopg.types.json import Jsonb
 
+from services.optimizer.queries import INSERT_PERFORMANCE, performance_rows
 from services.orchestrator.request_queue import Holder
 
 # Advisory lock namespaces (the first key of the two-key form); the second key is a hash.
@@ -294,22 +295,26 @@ def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder
         SELECT * FROM acquired""", {**params, "request_id": holder.request_id, "owner": holder.owner})
 
 
-def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = None) -> dict | None:
+def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = None,
+            performance: dict | None = None) -> dict | None:
     """Count a request as finished; also says the model's keep-alive (0 stops at once).
 
     With a holder, the count drops only if its request still holds the runtime: a request whose
-    lease was reclaimed meanwhile has already given it back.
+    lease was reclaimed meanwhile has already given it back. `performance` is a performance_logs
+    row written by the same statement.
     """
-    if holder is None:
-        drop, params = "1", {"id": runtime_id}
-        freed = ""
-    else:
-        drop, params = "(SELECT count(*) FROM freed)", {"id": runtime_id, "request_id": holder.request_id}
-        freed = """WITH freed AS (UPDATE request_queue SET holds_runtime = false
+    params: dict = {"id": runtime_id}
+    steps, drop = [], "1"
+    if holder is not None:
+        steps.append("""freed AS (UPDATE request_queue SET holds_runtime = false
                                   WHERE id = %(request_id)s AND holds_runtime AND assigned_runtime_id = %(id)s
-                                  RETURNING id)"""
+                                  RETURNING id)""")
+        params["request_id"], drop = holder.request_id, "(SELECT count(*) FROM freed)"
+    if performance is not None:
+        steps.append(f"logged AS ({INSERT_PERFORMANCE})")
+        params["rows"] = performance_rows([performance])
     return _one(conn, f"""
-        {freed}
+        {"WITH " + ", ".join(steps) if steps else ""}
         UPDATE container_lifecycle r
         SET active_requests = greatest(r.active_requests - {drop}, 0), last_activity = now()
         FROM model_registry m

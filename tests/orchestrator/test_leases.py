@@ -8,7 +8,7 @@ from orchestrator_helpers import insert_model
 
 from services.common.config import Settings
 from services.common.db import PooledDatabase
-from services.orchestrator import queries, request_queue
+from services.orchestrator import lifecycle, queries, request_queue
 from services.orchestrator.pipeline import LeaseRenewer
 from services.orchestrator.request_queue import Holder
 
@@ -138,3 +138,33 @@ def test_a_request_reclaimed_after_its_attempt_released_the_runtime_gives_nothin
     request_queue.reclaim_expired(conn, max_attempts=3)
 
     assert busy(conn, runtime["id"]) == 1
+
+
+def performance_of(conn, request_id: str) -> list[dict]:
+    return conn.execute("SELECT runtime_id, attempt, success, error_class FROM performance_logs"
+                        " WHERE request_id = %s", (request_id,)).fetchall()
+
+
+def test_releasing_with_a_performance_row_logs_it_in_the_same_statement(db, conn, settings):
+    runtime, holder = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000404")
+    lifecycle.acquire_runtime(db, runtime["id"], holder)
+    row = {"model_id": runtime["model_id"], "runtime_id": runtime["id"], "request_id": holder.request_id,
+           "task_type": "conversation", "attempt": 1, "processing_time_ms": 3, "success": True}
+
+    lifecycle.release_runtime(db, runtime["id"], settings, holder, performance=row)
+
+    assert busy(conn, runtime["id"]) == 0
+    assert performance_of(conn, holder.request_id) == [
+        {"runtime_id": runtime["id"], "attempt": 1, "success": True, "error_class": None}]
+
+
+def test_a_performance_row_that_cannot_be_written_does_not_keep_the_runtime_busy(db, conn, settings):
+    runtime, holder = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000405")
+    lifecycle.acquire_runtime(db, runtime["id"], holder)
+    failed_without_a_class = {"model_id": runtime["model_id"], "request_id": holder.request_id,
+                              "task_type": "conversation", "processing_time_ms": 3, "success": False}  # breaks a CHECK
+
+    lifecycle.release_runtime(db, runtime["id"], settings, holder, performance=failed_without_a_class)
+
+    assert busy(conn, runtime["id"]) == 0 and queued(conn, holder.request_id)["holds_runtime"] is False
+    assert performance_of(conn, holder.request_id) == []
