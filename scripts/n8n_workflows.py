@@ -5,8 +5,9 @@
 
 Both talk to n8n's public API: N8N_URL (default http://127.0.0.1:5678) and N8N_API_KEY (create
 one in n8n under Settings > n8n API). The import creates the credentials from the environment
-(DISPATCHER_API_TOKEN, ORCHESTRATOR_URL), so no secret or credential id is ever in a workflow
-file. Standard library only: it runs with any Python 3.11.
+(N8N_WEBHOOK_TOKEN, required: the secret webhook callers send; DISPATCHER_API_TOKEN,
+ORCHESTRATOR_URL), so no secret or credential id is ever in a workflow file. Standard library
+only: it runs with any Python 3.11.
 """
 from __future__ import annotations
 
@@ -20,17 +21,30 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "n8n" / "workflows"
 # Node ids and webhook ids are derived from the workflow and node names, so files diff cleanly.
 ID_NAMESPACE = uuid.UUID("6f1c1d4e-2b7a-4c55-9a1e-0d5e8f3b7c21")
 GRID = 20
 
-# Credentials by type: the name nodes refer to and the data, from the environment.
-API_CREDENTIAL = ("httpHeaderAuth", "Dispatcher API")
-OLLAMA_CREDENTIAL = ("ollamaApi", "Dispatcher Ollama front door")
 
+class Credential(NamedTuple):
+    """An n8n credential the import creates; nodes refer to it by type and name."""
+
+    type: str
+    name: str
+
+
+# One credential per role: the webhook secret and the services' token are both header credentials.
+API_CREDENTIAL = Credential("httpHeaderAuth", "Dispatcher API")
+WEBHOOK_CREDENTIAL = Credential("httpHeaderAuth", "Dispatcher webhooks")
+OLLAMA_CREDENTIAL = Credential("ollamaApi", "Dispatcher Ollama front door")
+CREDENTIALS = (API_CREDENTIAL, WEBHOOK_CREDENTIAL, OLLAMA_CREDENTIAL)
+
+WEBHOOK_TOKEN_VARIABLE = "N8N_WEBHOOK_TOKEN"
 WEBHOOK_TYPE = "n8n-nodes-base.webhook"
+OLLAMA_CHAT_TYPE = "@n8n/n8n-nodes-langchain.lmChatOllama"
 SCHEDULE_TYPE = "n8n-nodes-base.scheduleTrigger"
 TOP_LEVEL_KEYS = ("name", "nodes", "connections", "settings")
 NODE_KEYS = ("id", "name", "type", "typeVersion", "position", "parameters", "webhookId",
@@ -40,6 +54,10 @@ NODE_KEYS = ("id", "name", "type", "typeVersion", "position", "parameters", "web
 
 class N8nError(RuntimeError):
     """n8n refused a call or could not be reached."""
+
+
+class ImportRefused(ValueError):
+    """The environment or a workflow is not fit to import; nothing was sent to n8n."""
 
 
 class N8nClient:
@@ -112,26 +130,42 @@ def strip_workflow(workflow: dict) -> dict:
     return {"name": name, "nodes": nodes, "connections": workflow["connections"], "settings": settings}
 
 
-def with_credentials(workflow: dict, credential_ids: dict[str, tuple[str, str]]) -> dict:
-    """The workflow with each node that authenticates pointed at the imported credential."""
+def with_credentials(workflow: dict, credential_ids: dict[Credential, str]) -> dict:
+    """The workflow with each node that authenticates pointed at the imported credential of its role."""
     nodes = []
     for node in workflow["nodes"]:
-        credential_type = credential_type_of(node)
-        if credential_type:
-            credential_id, credential_name = credential_ids[credential_type]
-            node = {**node, "credentials": {credential_type: {"id": credential_id, "name": credential_name}}}
+        credential = credential_of(node)
+        if credential:
+            node = {**node, "credentials": {credential.type: {"id": credential_ids[credential],
+                                                              "name": credential.name}}}
         nodes.append(node)
     return {**{key: workflow[key] for key in TOP_LEVEL_KEYS}, "nodes": nodes}
 
 
-def credential_type_of(node: dict) -> str | None:
-    """The credential type a node needs (None when it needs none)."""
-    if node["type"] == "@n8n/n8n-nodes-langchain.lmChatOllama":
-        return OLLAMA_CREDENTIAL[0]
+def credential_of(node: dict) -> Credential | None:
+    """The credential a node authenticates with, chosen by its role (None when it needs none)."""
     parameters = node.get("parameters", {})
+    if node["type"] == WEBHOOK_TYPE:
+        if parameters.get("authentication") != "headerAuth":
+            raise ImportRefused(f"webhook {node['name']!r} does not use header auth: anyone could call it")
+        return WEBHOOK_CREDENTIAL
+    if node["type"] == OLLAMA_CHAT_TYPE:
+        return OLLAMA_CREDENTIAL
     if parameters.get("authentication") == "genericCredentialType":
-        return parameters.get("genericAuthType")
+        if parameters.get("genericAuthType") != API_CREDENTIAL.type:
+            raise ImportRefused(f"node {node['name']!r} needs a {parameters.get('genericAuthType')!r} credential,"
+                                " which the import does not create")
+        return API_CREDENTIAL
     return None
+
+
+def check_importable(workflow: dict) -> None:
+    """Refuse a workflow with an open webhook or a credential the import does not create."""
+    for node in workflow["nodes"]:
+        try:
+            credential_of(node)
+        except ImportRefused as error:
+            raise ImportRefused(f"{workflow['name']!r}: {error}") from None
 
 
 def has_trigger(workflow: dict, node_type: str) -> bool:
@@ -140,41 +174,59 @@ def has_trigger(workflow: dict, node_type: str) -> bool:
 
 # --- import -----------------------------------------------------------------------------------
 
-def credential_data(environ: dict[str, str]) -> dict[str, dict]:
+def webhook_token(environ: dict[str, str]) -> str:
+    """The secret every webhook caller must send; without one the import would open the webhooks to anyone."""
+    token = environ.get(WEBHOOK_TOKEN_VARIABLE, "")
+    if not token:
+        raise ImportRefused(f"set {WEBHOOK_TOKEN_VARIABLE}: webhook callers must send 'Authorization: Bearer <it>'"
+                            " (make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise ImportRefused(f"{WEBHOOK_TOKEN_VARIABLE} must be printable ASCII without spaces: it is sent in a header")
+    return token
+
+
+def credential_data(environ: dict[str, str]) -> dict[Credential, dict]:
     """What each credential holds, taken from the environment."""
     token = environ.get("DISPATCHER_API_TOKEN", "")
     orchestrator = environ.get("ORCHESTRATOR_URL", "http://127.0.0.1:8102").rstrip("/")
     return {
         # Without a token the services ignore the header; n8n needs a non-empty value.
-        API_CREDENTIAL[0]: {"name": "Authorization", "value": f"Bearer {token or 'none'}"},
-        OLLAMA_CREDENTIAL[0]: {"baseUrl": orchestrator, "apiKey": token},
+        API_CREDENTIAL: {"name": "Authorization", "value": f"Bearer {token or 'none'}"},
+        WEBHOOK_CREDENTIAL: {"name": "Authorization", "value": f"Bearer {webhook_token(environ)}"},
+        OLLAMA_CREDENTIAL: {"baseUrl": orchestrator, "apiKey": token},
     }
 
 
-def upsert_credentials(client: N8nClient, environ: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """Create or update the two credentials; their ids by type."""
+def upsert_credentials(client: N8nClient, data: dict[Credential, dict]) -> dict[Credential, str]:
+    """Create or update the credentials; their ids."""
     existing = {(c["type"], c["name"]): c["id"] for c in client.list_all("/credentials")}
     ids = {}
-    data = credential_data(environ)
-    for credential_type, name in (API_CREDENTIAL, OLLAMA_CREDENTIAL):
-        body = {"name": name, "type": credential_type, "data": data[credential_type]}
-        if (credential_type, name) in existing:
-            credential_id = existing[(credential_type, name)]
-            client.call("PATCH", f"/credentials/{credential_id}", body)
+    for credential in CREDENTIALS:
+        body = {"name": credential.name, "type": credential.type, "data": data[credential]}
+        if credential in existing:
+            client.call("PATCH", f"/credentials/{existing[credential]}", body)
+            ids[credential] = existing[credential]
         else:
-            credential_id = client.call("POST", "/credentials", body)["id"]
-        ids[credential_type] = (credential_id, name)
+            ids[credential] = client.call("POST", "/credentials", body)["id"]
     return ids
 
 
 def import_workflows(client: N8nClient, files: list[Path], environ: dict[str, str], *,
                      with_schedules: bool = False, log=print) -> dict[str, str]:
-    """Create or update every workflow (matched by name) and activate the triggered ones; ids by name."""
-    credential_ids = upsert_credentials(client, environ)
+    """Create or update every workflow (matched by name) and activate the triggered ones; ids by name.
+
+    Refuses (ImportRefused) before any call to n8n when the webhook token is missing or a workflow
+    has an open webhook.
+    """
+    data = credential_data(environ)
+    workflows = [load_workflow(path) for path in files]
+    for workflow in workflows:
+        check_importable(workflow)
+    credential_ids = upsert_credentials(client, data)
     existing = {w["name"]: w for w in client.list_all("/workflows")}
     ids = {}
-    for path in files:
-        workflow = with_credentials(load_workflow(path), credential_ids)
+    for loaded in workflows:
+        workflow = with_credentials(loaded, credential_ids)
         current = existing.get(workflow["name"])
         if current:
             saved = client.call("PUT", f"/workflows/{current['id']}", workflow)
@@ -236,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             import_workflows(client, workflow_files(args.files), dict(os.environ), with_schedules=args.with_schedules)
         else:
             export_workflows(client, args.name, args.output)
+    except ImportRefused as error:
+        parser.error(str(error))
     except N8nError as error:
         print(f"n8n: {error}", file=sys.stderr)
         return 1

@@ -56,7 +56,7 @@ def n8n(n8n_harness: Path, stack: Stack, tmp_path_factory) -> Iterator[N8n]:
     processes = Processes(logs=tmp_path_factory.mktemp("n8n"))
     try:
         started = start_n8n(processes, processes.logs / "user", stack.env)
-        imported = run_script("n8n-import", env={**stack.env, "N8N_URL": started.url, "N8N_API_KEY": started.api_key})
+        imported = run_script("n8n-import", env=started.import_env(stack))
         assert imported.returncode == 0, imported.stdout + imported.stderr
         started.import_output = imported.stdout
         yield started

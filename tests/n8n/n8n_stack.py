@@ -7,7 +7,7 @@ import os
 import secrets
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -87,20 +87,39 @@ def stop_runtimes(stack: Stack) -> None:
 
 @dataclass
 class N8n:
-    """A running n8n with its own user folder and SQLite database, and an API key."""
+    """A running n8n with its own user folder and SQLite database, an API key and the webhooks' token."""
 
     url: str
     env: dict[str, str]
     api_key: str = ""
+    webhook_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     import_output: str = ""
+
+    def import_env(self, stack: Stack) -> dict[str, str]:
+        """What scripts/n8n-import needs to import into this n8n for this stack."""
+        return {**stack.env, "N8N_URL": self.url, "N8N_API_KEY": self.api_key, "N8N_WEBHOOK_TOKEN": self.webhook_token}
 
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
         """One call to n8n's public API."""
         return requests.request(method, f"{self.url}/api/v1{path}", headers={"X-N8N-API-KEY": self.api_key},
                                 timeout=30, **kwargs)
 
-    def webhook(self, path: str, body, timeout_s: float = 300.0) -> requests.Response:
-        return requests.post(f"{self.url}/webhook/{path}", json=body, timeout=timeout_s)
+    def webhook(self, path: str, body, timeout_s: float = 300.0, headers: dict[str, str] | None = None
+                ) -> requests.Response:
+        """POST to a production webhook, with the webhooks' token unless other headers are given."""
+        if headers is None:
+            headers = {"Authorization": f"Bearer {self.webhook_token}"}
+        return requests.post(f"{self.url}/webhook/{path}", json=body, headers=headers, timeout=timeout_s)
+
+    def execution_count(self, workflow_name: str) -> int:
+        """How many finished executions n8n recorded for a workflow."""
+        count, query = 0, {"workflowId": self.workflow_id(workflow_name), "limit": 250}
+        while True:
+            page = self.api("GET", "/executions", params=query).json()
+            count += len(page["data"])
+            if not page.get("nextCursor"):
+                return count
+            query["cursor"] = page["nextCursor"]
 
     def workflow_id(self, name: str) -> str:
         found = self.api("GET", "/workflows", params={"name": name}).json()["data"]

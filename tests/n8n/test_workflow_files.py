@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from n8n_stack import ROOT, workflow_tool
+from n8n_stack import ROOT, run_script, workflow_tool
 
 tool = workflow_tool()
 FILES = sorted((ROOT / "n8n" / "workflows").glob("*.json"))
@@ -112,6 +112,15 @@ def test_every_service_call_authenticates_with_the_header_credential(name: str):
         assert parameters["url"].startswith("={{ ($env.") and "_URL || 'http://127.0.0.1:810" in parameters["url"]
 
 
+def test_every_webhook_requires_the_header_credential():
+    hooks = [hook for workflow in WORKFLOWS.values() for hook in nodes_by_type(workflow, "n8n-nodes-base.webhook")]
+
+    assert len(hooks) == 6
+    assert all(hook["parameters"]["authentication"] == "headerAuth" for hook in hooks)
+    for workflow in WORKFLOWS.values():
+        tool.check_importable(workflow)
+
+
 def test_webhook_flows_answer_through_a_respond_node_on_unique_paths():
     paths = []
     for workflow in WORKFLOWS.values():
@@ -145,7 +154,9 @@ def test_strip_keeps_what_is_committed_and_drops_what_n8n_adds():
                                                     "genericAuthType": "httpHeaderAuth", "url": "={{ $env.X }}"},
              "credentials": {"httpHeaderAuth": {"id": "c0ffee", "name": "Dispatcher API"}}, "onError": "continueErrorOutput"},
             {"id": "random-2", "name": "Webhook", "type": "n8n-nodes-base.webhook", "typeVersion": 2.1,
-             "position": [-9, 290], "webhookId": "random-3", "parameters": {"path": "feedback"}},
+             "position": [-9, 290], "webhookId": "random-3",
+             "parameters": {"path": "feedback", "authentication": "headerAuth"},
+             "credentials": {"httpHeaderAuth": {"id": "d00d", "name": "Dispatcher webhooks"}}},
         ],
     }
 
@@ -159,32 +170,144 @@ def test_strip_keeps_what_is_committed_and_drops_what_n8n_adds():
                             "url": "={{ $env.X }}"}},
             {"id": tool.stable_id("Feedback", "Webhook"), "name": "Webhook", "type": "n8n-nodes-base.webhook",
              "typeVersion": 2.1, "position": [0, 280], "webhookId": tool.stable_id("Feedback", "Webhook", "webhook"),
-             "parameters": {"path": "feedback"}},
+             "parameters": {"path": "feedback", "authentication": "headerAuth"}},
         ],
     }
 
 
-def test_import_points_each_authenticating_node_at_its_credential():
+IDS = {tool.API_CREDENTIAL: "h1", tool.WEBHOOK_CREDENTIAL: "w1", tool.OLLAMA_CREDENTIAL: "o1"}
+ENVIRON = {"DISPATCHER_API_TOKEN": "api-s3cret", "N8N_WEBHOOK_TOKEN": "hook-s3cret", "ORCHESTRATOR_URL": "http://orch:8102/"}
+
+
+def test_import_points_each_node_at_the_credential_of_its_role():
+    """The webhook and the service calls both use a header credential, each its own."""
     workflow = WORKFLOWS["chat_ollama.json"] | {"nodes": WORKFLOWS["chat_ollama.json"]["nodes"] + [
         WORKFLOWS["dispatch_request.json"]["nodes"][0]]}
-    ids = {"httpHeaderAuth": ("h1", "Dispatcher API"), "ollamaApi": ("o1", "Dispatcher Ollama front door")}
 
-    prepared = tool.with_credentials(workflow, ids)
+    prepared = tool.with_credentials(workflow, IDS)
 
     assert {node["name"]: node.get("credentials") for node in prepared["nodes"]} == {
-        "Answer": None, "Respond": None, "Webhook": None,
+        "Answer": None, "Respond": None,
+        "Webhook": {"httpHeaderAuth": {"id": "w1", "name": "Dispatcher webhooks"}},
         "Dispatcher (Ollama Chat Model)": {"ollamaApi": {"id": "o1", "name": "Dispatcher Ollama front door"}},
         "Dispatch": {"httpHeaderAuth": {"id": "h1", "name": "Dispatcher API"}},
     }
-    assert WORKFLOWS["chat_ollama.json"]["nodes"][1].get("credentials") is None   # the file's data is untouched
+    assert all("credentials" not in node for node in WORKFLOWS["chat_ollama.json"]["nodes"])   # the file's data
+
+
+@pytest.mark.parametrize("authentication", [None, "none", "basicAuth"])
+def test_import_refuses_a_webhook_without_header_auth(authentication):
+    workflow = json.loads(json.dumps(WORKFLOWS["record_feedback.json"]))
+    hook, = nodes_by_type(workflow, "n8n-nodes-base.webhook")
+    hook["parameters"].pop("authentication")
+    if authentication:
+        hook["parameters"]["authentication"] = authentication
+
+    with pytest.raises(tool.ImportRefused, match="^'Feedback': webhook 'Webhook' does not use header auth"):
+        tool.check_importable(workflow)
+    with pytest.raises(tool.ImportRefused):
+        tool.with_credentials(workflow, IDS)
+
+
+def test_import_refuses_a_credential_it_does_not_create():
+    workflow = json.loads(json.dumps(WORKFLOWS["record_feedback.json"]))
+    node, = nodes_by_type(workflow, "n8n-nodes-base.httpRequest")
+    node["parameters"]["genericAuthType"] = "httpBasicAuth"
+
+    with pytest.raises(tool.ImportRefused, match=f"^'Feedback': node {node['name']!r} needs a 'httpBasicAuth' "
+                                                 "credential, which the import does not create$"):
+        tool.check_importable(workflow)
 
 
 def test_credentials_come_from_the_environment():
-    assert tool.credential_data({"DISPATCHER_API_TOKEN": "s3cret", "ORCHESTRATOR_URL": "http://orch:8102/"}) == {
-        "httpHeaderAuth": {"name": "Authorization", "value": "Bearer s3cret"},
-        "ollamaApi": {"baseUrl": "http://orch:8102", "apiKey": "s3cret"},
+    assert tool.credential_data(ENVIRON) == {
+        ("httpHeaderAuth", "Dispatcher API"): {"name": "Authorization", "value": "Bearer api-s3cret"},
+        ("httpHeaderAuth", "Dispatcher webhooks"): {"name": "Authorization", "value": "Bearer hook-s3cret"},
+        ("ollamaApi", "Dispatcher Ollama front door"): {"baseUrl": "http://orch:8102", "apiKey": "api-s3cret"},
     }
-    assert tool.credential_data({}) == {
-        "httpHeaderAuth": {"name": "Authorization", "value": "Bearer none"},
-        "ollamaApi": {"baseUrl": "http://127.0.0.1:8102", "apiKey": ""},
+    assert tool.credential_data({"N8N_WEBHOOK_TOKEN": "hook-s3cret"}) == {
+        ("httpHeaderAuth", "Dispatcher API"): {"name": "Authorization", "value": "Bearer none"},
+        ("httpHeaderAuth", "Dispatcher webhooks"): {"name": "Authorization", "value": "Bearer hook-s3cret"},
+        ("ollamaApi", "Dispatcher Ollama front door"): {"baseUrl": "http://127.0.0.1:8102", "apiKey": ""},
     }
+
+
+@pytest.mark.parametrize(("token", "message"), [
+    (None, "set N8N_WEBHOOK_TOKEN: webhook callers must send 'Authorization: Bearer <it>'"),
+    ("", "set N8N_WEBHOOK_TOKEN: webhook callers must send 'Authorization: Bearer <it>'"),
+    ("two words", "N8N_WEBHOOK_TOKEN must be printable ASCII without spaces: it is sent in a header"),
+    ("line\nbreak", "N8N_WEBHOOK_TOKEN must be printable ASCII without spaces: it is sent in a header"),
+    ("geheimnis-ä", "N8N_WEBHOOK_TOKEN must be printable ASCII without spaces: it is sent in a header"),
+])
+def test_there_are_no_credentials_without_a_usable_webhook_token(token, message):
+    environ = {"DISPATCHER_API_TOKEN": "api-s3cret"} | ({} if token is None else {"N8N_WEBHOOK_TOKEN": token})
+
+    with pytest.raises(tool.ImportRefused, match=f"^{re.escape(message)}"):
+        tool.credential_data(environ)
+
+
+class RecordingN8n:
+    """Stands in for n8n's API: records each call, knows one credential, creates the rest."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def call(self, method: str, path: str, body: dict | None = None, query: dict | None = None) -> dict:
+        self.calls.append((method, path, body))
+        return {"id": f"new-{len(self.calls)}"}
+
+    def list_all(self, path: str, query: dict | None = None) -> list[dict]:
+        self.calls.append(("GET", path, None))
+        existing = {"/credentials": [{"id": "old-api", "type": "httpHeaderAuth", "name": "Dispatcher API"},
+                                     {"id": "other", "type": "httpHeaderAuth", "name": "Someone else's"}]}
+        return existing.get(path, [])
+
+
+def test_credentials_are_created_or_updated_each_by_its_name():
+    client = RecordingN8n()
+
+    ids = tool.upsert_credentials(client, tool.credential_data(ENVIRON))
+
+    assert ids == {tool.API_CREDENTIAL: "old-api", tool.WEBHOOK_CREDENTIAL: "new-3", tool.OLLAMA_CREDENTIAL: "new-4"}
+    assert client.calls == [
+        ("GET", "/credentials", None),
+        ("PATCH", "/credentials/old-api", {"name": "Dispatcher API", "type": "httpHeaderAuth",
+                                           "data": {"name": "Authorization", "value": "Bearer api-s3cret"}}),
+        ("POST", "/credentials", {"name": "Dispatcher webhooks", "type": "httpHeaderAuth",
+                                  "data": {"name": "Authorization", "value": "Bearer hook-s3cret"}}),
+        ("POST", "/credentials", {"name": "Dispatcher Ollama front door", "type": "ollamaApi",
+                                  "data": {"baseUrl": "http://orch:8102", "apiKey": "api-s3cret"}}),
+    ]
+
+
+def test_import_without_a_webhook_token_calls_n8n_not_at_all():
+    client = RecordingN8n()
+
+    with pytest.raises(tool.ImportRefused, match="^set N8N_WEBHOOK_TOKEN"):
+        tool.import_workflows(client, FILES, {"DISPATCHER_API_TOKEN": "api-s3cret"})
+
+    assert client.calls == []
+
+
+def test_import_of_an_open_webhook_calls_n8n_not_at_all(tmp_path):
+    workflow = json.loads(json.dumps(WORKFLOWS["dispatch_request.json"]))
+    nodes_by_type(workflow, "n8n-nodes-base.webhook")[0]["parameters"]["authentication"] = "none"
+    (tmp_path / "open.json").write_text(json.dumps(workflow))
+    client = RecordingN8n()
+
+    with pytest.raises(tool.ImportRefused, match="^'Dispatch \\(one call\\)': webhook 'Webhook' does not use"):
+        tool.import_workflows(client, [*FILES, tmp_path / "open.json"], ENVIRON)
+
+    assert client.calls == []
+
+
+def test_the_import_script_refuses_to_run_without_a_webhook_token():
+    # An n8n that cannot be reached: a call to it would end with status 1 and "n8n: ...".
+    result = run_script("n8n-import", env={"N8N_API_KEY": "unused", "N8N_URL": "http://127.0.0.1:9",
+                                           "N8N_WEBHOOK_TOKEN": ""})
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "n8n_workflows.py: error: set N8N_WEBHOOK_TOKEN: webhook callers must send 'Authorization: Bearer <it>'"
+        " (make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    assert result.stdout == ""

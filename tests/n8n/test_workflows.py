@@ -3,19 +3,28 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from unittest.mock import ANY
 
 import pytest
 
 from n8n_stack import ROOT, N8n, Stack, run_script
+from service_processes import wait_until
 
 pytestmark = pytest.mark.n8n
 
 # Short, deterministic generations: question-answering at low complexity goes to smollm2 only.
 QUESTION = {"prompt": "What is the capital of France?", "task_type": "question-answering", "complexity": "low",
             "max_tokens": 8, "temperature": 0}
-WEBHOOK_FLOWS = {"AI dispatch (step by step)", "Dispatch (one call)", "Dispatch async with callback",
-                 "Model onboarding", "Feedback", "Chat through the Ollama front door"}
+WEBHOOK_PATHS = {"ai-dispatch": "AI dispatch (step by step)", "dispatch": "Dispatch (one call)",
+                 "dispatch-async": "Dispatch async with callback", "onboard-model": "Model onboarding",
+                 "feedback": "Feedback", "chat": "Chat through the Ollama front door"}
+WEBHOOK_FLOWS = set(WEBHOOK_PATHS.values())
+CREDENTIALS = [("httpHeaderAuth", "Dispatcher API"), ("httpHeaderAuth", "Dispatcher webhooks"),
+               ("ollamaApi", "Dispatcher Ollama front door")]
+# The credential each kind of node authenticates with: a webhook's is not the services' token.
+CREDENTIAL_OF_NODE = {"n8n-nodes-base.webhook": "Dispatcher webhooks", "n8n-nodes-base.httpRequest": "Dispatcher API",
+                      "@n8n/n8n-nodes-langchain.lmChatOllama": "Dispatcher Ollama front door"}
 SCHEDULE_FLOWS = {"Optimization schedule", "Idle cleanup and scaling"}
 SMOLLM2 = {"id": ANY, "name": "smollm2", "version": "135m-instruct-q4_1"}
 ONBOARDED_MODEL = {
@@ -46,14 +55,18 @@ def test_import_creates_the_workflows_and_credentials_and_activates_the_webhook_
 
     assert {w["name"]: w["active"] for w in workflows} == {
         **{name: True for name in WEBHOOK_FLOWS}, **{name: False for name in SCHEDULE_FLOWS}}
-    assert sorted((c["type"], c["name"]) for c in credentials) == [
-        ("httpHeaderAuth", "Dispatcher API"), ("ollamaApi", "Dispatcher Ollama front door")]
-    by_type = {c["type"]: {"id": c["id"], "name": c["name"]} for c in credentials}
+    assert sorted((c["type"], c["name"]) for c in credentials) == CREDENTIALS
+    by_name = {c["name"]: (c["type"], {"id": c["id"], "name": c["name"]}) for c in credentials}
+    authenticating = 0
     for workflow in workflows:
         for node in workflow["nodes"]:
-            if node["type"] in ("n8n-nodes-base.httpRequest", "@n8n/n8n-nodes-langchain.lmChatOllama"):
-                (kind, reference), = node["credentials"].items()
-                assert reference == by_type[kind], (workflow["name"], node["name"])
+            if node["type"] in CREDENTIAL_OF_NODE:
+                assert node["credentials"] == dict([by_name[CREDENTIAL_OF_NODE[node["type"]]]]), (
+                    workflow["name"], node["name"])
+                authenticating += 1
+            else:
+                assert "credentials" not in node, (workflow["name"], node["name"])
+    assert authenticating > len(WEBHOOK_FLOWS)
     assert sorted(n8n.import_output.splitlines()) == sorted(
         f"created {w['name']!r} ({w['id']}){', active' if w['active'] else ''}" for w in workflows)
 
@@ -61,12 +74,12 @@ def test_import_creates_the_workflows_and_credentials_and_activates_the_webhook_
 def test_importing_again_updates_in_place(n8n: N8n, stack: Stack):
     before = {w["name"]: w["id"] for w in n8n.api("GET", "/workflows").json()["data"]}
 
-    again = run_script("n8n-import", env={**stack.env, "N8N_URL": n8n.url, "N8N_API_KEY": n8n.api_key})
+    again = run_script("n8n-import", env=n8n.import_env(stack))
 
     assert again.returncode == 0, again.stderr
     after = {w["name"]: (w["id"], w["active"]) for w in n8n.api("GET", "/workflows").json()["data"]}
     assert after == {name: (before[name], name in WEBHOOK_FLOWS) for name in before}
-    assert len(n8n.api("GET", "/credentials").json()["data"]) == 2
+    assert len(n8n.api("GET", "/credentials").json()["data"]) == len(CREDENTIALS)
     assert all(line.startswith("updated ") for line in again.stdout.splitlines())
 
 
@@ -81,10 +94,76 @@ def test_export_writes_back_exactly_the_committed_files(n8n: N8n, tmp_path):
         assert (tmp_path / path.name).read_text() == path.read_text(), path.name
 
 
+def test_export_strips_the_webhook_credential_n8n_holds(n8n: N8n, tmp_path):
+    in_n8n = n8n.api("GET", f"/workflows/{n8n.workflow_id('Feedback')}").json()
+    hook, = [node for node in in_n8n["nodes"] if node["type"] == "n8n-nodes-base.webhook"]
+    assert hook["credentials"]["httpHeaderAuth"]["name"] == "Dispatcher webhooks"
+
+    exported = run_script("n8n-export", "--name", "Feedback", "--output", str(tmp_path),
+                          env={"N8N_URL": n8n.url, "N8N_API_KEY": n8n.api_key})
+
+    assert exported.returncode == 0, exported.stderr
+    hook, = [node for node in json.loads((tmp_path / "record_feedback.json").read_text())["nodes"]
+             if node["type"] == "n8n-nodes-base.webhook"]
+    assert "credentials" not in hook and hook["parameters"]["authentication"] == "headerAuth"
+
+
 def test_the_scripts_need_an_api_key():
     result = run_script("n8n-import", env={"N8N_API_KEY": ""})
 
     assert result.returncode == 2 and "set N8N_API_KEY" in result.stderr
+
+
+def test_import_without_a_webhook_token_leaves_n8n_as_it_was(n8n: N8n, stack: Stack):
+    before = (n8n.api("GET", "/credentials").json()["data"], n8n.api("GET", "/workflows").json()["data"])
+
+    refused = run_script("n8n-import", env={**n8n.import_env(stack), "N8N_WEBHOOK_TOKEN": ""})
+
+    assert refused.returncode == 2 and "set N8N_WEBHOOK_TOKEN" in refused.stderr, refused.stderr
+    assert refused.stdout == ""
+    assert (n8n.api("GET", "/credentials").json()["data"], n8n.api("GET", "/workflows").json()["data"]) == before
+
+
+# --- webhook authentication ---------------------------------------------------------------------
+
+# What each webhook would act on if it let the call through (dispatch, onboard, record).
+WEBHOOK_BODIES = {
+    "ai-dispatch": QUESTION, "dispatch": QUESTION, "dispatch-async": QUESTION,
+    "onboard-model": {"model": {**ONBOARDED_MODEL, "name": "smollm2-unauthorised"}},
+    "feedback": {"request_id": "00000000-0000-4000-8000-000000000000", "score": 0.5},
+    "chat": {"prompt": "Say hello.", "max_tokens": 8},
+}
+WRONG_HEADERS = {
+    "no header": lambda n8n, stack: {},
+    "another token": lambda n8n, stack: {"Authorization": f"Bearer {secrets.token_urlsafe(24)}"},
+    "an empty token": lambda n8n, stack: {"Authorization": "Bearer "},
+    "the services' token": lambda n8n, stack: stack.headers,
+    "the token without Bearer": lambda n8n, stack: {"Authorization": n8n.webhook_token},
+    "the token in another header": lambda n8n, stack: {"X-Webhook-Token": f"Bearer {n8n.webhook_token}"},
+}
+
+
+@pytest.mark.parametrize("path", sorted(WEBHOOK_PATHS))
+@pytest.mark.parametrize("wrong", WRONG_HEADERS)
+def test_a_webhook_refuses_a_call_without_its_token_and_runs_nothing(n8n: N8n, stack: Stack, stack_db, path, wrong):
+    executions = n8n.execution_count(WEBHOOK_PATHS[path])
+    queued = stack_db.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"]
+
+    response = n8n.webhook(path, WEBHOOK_BODIES[path], headers=WRONG_HEADERS[wrong](n8n, stack), timeout_s=30)
+
+    assert (response.status_code, response.text) == (403, "Authorization data is wrong!")
+    assert n8n.execution_count(WEBHOOK_PATHS[path]) == executions
+    assert stack_db.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == queued
+
+
+def test_a_webhook_call_with_its_token_is_recorded_as_an_execution(n8n: N8n):
+    """The other side of the test above: its execution count does see a call that got through."""
+    executions = n8n.execution_count("Feedback")
+
+    response = n8n.webhook("feedback", {"score": 0.5})
+
+    assert response.status_code == 422
+    wait_until(lambda: n8n.execution_count("Feedback") == executions + 1, "the execution", timeout_s=30)
 
 
 # --- webhook flows -----------------------------------------------------------------------------
