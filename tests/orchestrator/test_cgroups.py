@@ -1,15 +1,18 @@
-"""Runtime cgroups against fake cgroup filesystems (v1, v2, unusable)."""
+"""Runtime cgroups against fake cgroup filesystems (v1, v2, unusable), and the process driver's fallback."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from services.orchestrator.runtimes import cgroups
+from orchestrator_helpers import fake_server_command
+from services.orchestrator.runtimes import cgroups, process
 from services.orchestrator.runtimes.cgroups import CgroupsUnusable, Placement
 
 UNLIMITED = "9223372036854771712"
@@ -238,3 +241,44 @@ def test_stale_cgroups_are_old_and_empty(tmp_path):
     assert cgroups.remove_stale(placement) == [empty_old]
     assert sorted(path.name for path in placement.cpu_parent.glob("dispatcher-*")) == ["dispatcher-b", "dispatcher-c"]
 
+
+# The process driver where cgroups are unusable: RLIMIT_DATA, said once.
+def recorded_spec(specs: list):
+    def command(spec: process.LaunchSpec) -> list[str]:
+        specs.append(spec)
+        return fake_server_command(spec)
+    return command
+
+
+def test_without_cgroups_the_driver_falls_back_to_rlimit_and_warns_once(tmp_path, settings, monkeypatch, caplog):
+    specs: list[process.LaunchSpec] = []
+    monkeypatch.setitem(process.SERVER_COMMANDS, "recorded", recorded_spec(specs))
+    root = fake_host(tmp_path / "host", "0::/\n", "", {})
+    driver = process.ProcessDriver(settings, "scope", cgroup_root=root)
+    model = {"id": uuid.uuid4(), "name": "fake", "runtime_config": {"server": "recorded"}}
+    allocation = {"cpu": 1.0, "memory_mb": 256, "gpu": 0.0, "threads": 1, "parallel_slots": 1}
+    runtimes = [{"id": uuid.uuid4()} for _ in range(2)]
+
+    with caplog.at_level(logging.WARNING, logger=process.__name__):
+        launched = [driver.start(runtime, model, allocation) for runtime in runtimes]
+    for runtime, started in zip(runtimes, launched):
+        driver.stop({**runtime, "pid": started.pid, "driver_state": started.driver_state})
+
+    reason = "no cgroup v2 hierarchy holds this process; no cgroup v1 cpu hierarchy holds this process"
+    assert [started.driver_state["limits"] for started in launched] == 2 * [
+        {"mechanism": "rlimit", "memory_mb": 256, "cpu": None, "cgroups": [], "reason": reason}]
+    assert [spec.memory_rlimit_mb for spec in specs] == [256, 256]
+    assert [(record.getMessage(), record.reason) for record in caplog.records] == [
+        ("process runtimes are limited by RLIMIT_DATA only: no cgroup is usable", reason)]
+
+
+def test_the_llama_cpp_launcher_gets_the_rlimit_only_without_cgroups(tmp_path):
+    model_file = tmp_path / "m.gguf"
+    model_file.write_bytes(b"GGUF")
+    model = {"name": "m", "runtime_config": {"model_path": str(model_file)}}
+    allocation = {"cpu": 1.0, "memory_mb": 768, "gpu": 0.0, "threads": 1, "parallel_slots": 2}
+
+    commands = [process.llama_cpp_command(process.LaunchSpec(model, allocation, 1234, str(tmp_path), rlimit))
+                for rlimit in (768, 0)]
+
+    assert [command[command.index("--memory-mb") + 1] for command in commands] == ["768", "0"]
