@@ -3,6 +3,7 @@
 In a test:   with FakeModelServer(reply="hi") as fake: ... fake.url ... fake.config.fault = "error"
 As a process: python tests/fake_model_server.py --port N [--fault slow|error|drop|garbage]
               [--delay-ms MS] [--fault-count N] [--load-ms MS] [--reply TEXT] [--model NAME]
+              [--allocate-mb MB]
 
 Faults hit generation requests (`/v1/chat/completions`, `/api/generate`, `/api/chat`):
   slow     wait `delay_ms` before answering (between chunks when streaming)
@@ -11,6 +12,7 @@ Faults hit generation requests (`/v1/chat/completions`, `/api/generate`, `/api/c
   garbage  answer 200 with a body that is not JSON
 `fault_count` N > 0 faults only the first N generation requests, then answers normally.
 `load_ms` answers 503 "Loading model" (like llama.cpp) for that long after start.
+`--allocate-mb` fills that much memory before listening, as a real server loads its weights.
 Tokens are words: `max_tokens` cuts the reply to that many words (finish_reason "length").
 """
 from __future__ import annotations
@@ -328,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-ms", type=int, default=0)
     parser.add_argument("--reply", default=FakeConfig.reply)
     parser.add_argument("--model", default=FakeConfig.model)
+    parser.add_argument("--allocate-mb", type=int, default=0)
     args = parser.parse_args(argv)
+    weights = b"\x01" * (args.allocate_mb * 1024 * 1024)  # written, so every page is really used
     server = _Server(args.port, FakeState(FakeConfig(
         reply=args.reply, model=args.model, fault=args.fault, delay_ms=args.delay_ms,
         fault_count=args.fault_count, load_ms=args.load_ms)))
@@ -336,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fake_model_server listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever(poll_interval=0.05)
     server.server_close()
+    del weights
     return 0
 
 

@@ -54,6 +54,5 @@ def stop_started_processes(settings: Settings) -> Iterator[None]:
     yield
     for pid_file in Path(settings.runtime_dir).glob("*.json"):
         record = json.loads(pid_file.read_text())
-        ref = {"id": record["runtime_id"], "pid": record["pid"], "driver_state": {"start_time": record["start_time"]}}
-        process.ProcessDriver(settings, record["scope"]).stop(ref)
+        process.ProcessDriver(settings, record["scope"]).stop(process.runtime_ref(record))
     process.reap_children()  # servers a test killed itself

@@ -38,11 +38,11 @@ def test_ensure_starts_a_child_process_with_pid_file_log_and_identity(db, conn, 
     assert runtime["driver_state"] == {
         "allocation": {"cpu": 1.0, "memory_mb": 256, "gpu": 0.0, "threads": 1, "parallel_slots": 1},
         "start_timeout_s": 60.0, "max_restarts": 3, "start_time": start_time, "server": "fake",
-        "scope": runtime_scope(settings)}
+        "scope": runtime_scope(settings), "limits": ANY}  # test_runtime_cgroups.py, test_cgroups.py
     assert json.loads((Path(settings.runtime_dir) / f"{runtime['id']}.json").read_text()) == {
         "runtime_id": str(runtime["id"]), "model_id": str(model["id"]), "pid": runtime["pid"],
         "start_time": start_time, "port": runtime["port"], "scope": runtime_scope(settings),
-        "log_path": str(log_path)}
+        "log_path": str(log_path), "cgroups": runtime["driver_state"]["limits"]["cgroups"]}
     assert os.getsid(runtime["pid"]) == runtime["pid"]  # its own session
     assert "fake_model_server listening" in log_path.read_text()
 

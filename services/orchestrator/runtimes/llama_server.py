@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--alias", default="model")
     parser.add_argument("--memory-mb", type=int, default=0,
-                        help="cap on the process's private writable memory (RLIMIT_DATA); 0 = none")
+                        help="cap on the process's private writable memory (RLIMIT_DATA); 0 = none "
+                             "(the process driver passes 0 when the server's cgroup limits it)")
     return parser.parse_args(argv)
 
 
