@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from services.common.config import Settings
 from services.common.db import Database
 from services.common.errors import Conflict, NotFound, Problem, ServiceUnavailable, Unprocessable
-from services.orchestrator import queries
+from services.orchestrator import queries, request_queue
 from services.orchestrator.request_queue import Holder
 from services.registry.resources import right_size
 from services.orchestrator.protocols import OllamaClient, server_ready, served_model_name
@@ -109,11 +109,15 @@ def lease_runtime(db: Database, model_id: str, settings: Settings, *, holder: Ho
                   attempts: int = 3) -> dict:
     """A ready runtime of the model, counted busy until `release_runtime`.
 
-    With a `holder`, its request notes the model and runtime in the same statement that counts it.
+    With a `holder`, its request notes the model and runtime in the same statement that counts it,
+    and only while the holder keeps its lease (LeaseLost otherwise).
     """
     for _ in range(attempts):
         with db.connection(autocommit=True) as conn:
             runtime = queries.acquire_warm(conn, model_id, holder)
+            if not runtime and holder and not request_queue.lease_held(conn, holder):
+                raise request_queue.LeaseLost(f"request {holder.request_id} was taken back from this worker "
+                                              "(its lease expired)", dispatch_id=holder.request_id)
         if runtime:
             return runtime
         runtime = acquire_runtime(db, ensure_runtime(db, model_id, settings)["id"], holder)

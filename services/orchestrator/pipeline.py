@@ -25,7 +25,7 @@ from typing import Any
 
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.errors import BadGateway, GatewayTimeout, Problem
+from services.common.errors import BadGateway, GatewayTimeout, Problem, Unprocessable
 from services.common.http import http_session
 from services.optimizer.performance import log_performance
 from services.orchestrator import request_queue
@@ -451,6 +451,8 @@ def _generate(outcome: Outcome, model: dict, runtime: dict, request: DispatchReq
         attempt.reasons = outcome.parsed.reasons
     except ModelServerTimeout as error:
         attempt.outcome, attempt.error = "timeout", error.detail
+    except Unprocessable:
+        raise  # the request cannot be checked (say, its schema's $ref leads nowhere): no model can do better
     except Problem as error:
         attempt.outcome, attempt.error = "server_error", error.detail
 

@@ -278,20 +278,26 @@ def acquire_warm(conn: psycopg.Connection, model_id: str, holder: Holder | None 
 
 
 def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder | None) -> dict | None:
-    """The runtime `target` selects, counted busy; noted on the holder's request in the same statement."""
-    acquired = f"""
+    """The runtime `target` selects, counted busy; with a holder, only while its request's lease is
+    held, and noted on the request in the same statement (which locks the request first, then the
+    runtime: the order reclaiming an expired lease takes them in too)."""
+    def acquired(condition: str = "") -> str:
+        return f"""
         UPDATE container_lifecycle
         SET active_requests = active_requests + 1, total_requests = total_requests + 1, last_activity = now()
-        WHERE id = {target} AND status = 'running'
+        WHERE id = {target} AND status = 'running' {condition}
         RETURNING *"""
     if holder is None:
-        return _one(conn, acquired, params)
+        return _one(conn, acquired(), params)
     return _one(conn, f"""
-        WITH acquired AS ({acquired}),
+        WITH held AS (SELECT id FROM request_queue
+                      WHERE id = %(request_id)s AND lease_owner = %(owner)s AND status = 'processing'
+                      FOR UPDATE),
+             acquired AS ({acquired("AND EXISTS (SELECT 1 FROM held)")}),
              noted AS (UPDATE request_queue q
                        SET assigned_model_id = a.model_id, assigned_runtime_id = a.id, holds_runtime = true
-                       FROM acquired a
-                       WHERE q.id = %(request_id)s AND q.lease_owner = %(owner)s AND q.status = 'processing')
+                       FROM acquired a, held h
+                       WHERE q.id = h.id)
         SELECT * FROM acquired""", {**params, "request_id": holder.request_id, "owner": holder.owner})
 
 
@@ -299,17 +305,20 @@ def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = N
             performance: dict | None = None) -> dict | None:
     """Count a request as finished; also says the model's keep-alive (0 stops at once).
 
-    With a holder, the count drops only if its request still holds the runtime: a request whose
-    lease was reclaimed meanwhile has already given it back. `performance` is a performance_logs
+    With a holder, the count drops only if its request still holds the runtime under the holder's
+    lease: a request whose lease was reclaimed meanwhile has already given it back. `performance` is a performance_logs
     row written by the same statement.
     """
     params: dict = {"id": runtime_id}
     steps, drop = [], "1"
     if holder is not None:
+        # The lease owner too: after a reclaim, the request may hold this runtime for another worker.
         steps.append("""freed AS (UPDATE request_queue SET holds_runtime = false
-                                  WHERE id = %(request_id)s AND holds_runtime AND assigned_runtime_id = %(id)s
+                                  WHERE id = %(request_id)s AND lease_owner = %(owner)s AND holds_runtime
+                                    AND assigned_runtime_id = %(id)s
                                   RETURNING id)""")
-        params["request_id"], drop = holder.request_id, "(SELECT count(*) FROM freed)"
+        params.update(request_id=holder.request_id, owner=holder.owner)
+        drop = "(SELECT count(*) FROM freed)"
     if performance is not None:
         steps.append(f"logged AS ({INSERT_PERFORMANCE})")
         params["rows"] = performance_rows([performance])

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.types.json import Jsonb
 
+from services.common.errors import Conflict
+
 # Workers LISTEN on this channel; an async enqueue NOTIFYs it when its transaction commits.
 # Lease lengths are settings (queue_lease_s, queue_lease_renew_s) passed in by the callers.
 CHANNEL = "request_queue"
@@ -32,6 +34,10 @@ class Holder:
 
     request_id: str
     owner: str
+
+
+class LeaseLost(Conflict):
+    """The request's lease lapsed and was reclaimed: this worker must not run it any further."""
 
 
 def lease_owner() -> str:
@@ -71,6 +77,14 @@ def claim_next(conn: psycopg.Connection, *, owner: str, lease_seconds: float) ->
         "             ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)" + RETURNING,
         {"owner": owner, "lease": lease_seconds},
     ).fetchone()
+
+
+def lease_held(conn: psycopg.Connection, holder: Holder) -> bool:
+    """Whether the holder still holds its request's lease."""
+    return conn.execute(
+        "SELECT 1 FROM request_queue WHERE id = %s AND lease_owner = %s AND status = 'processing'",
+        (holder.request_id, holder.owner),
+    ).fetchone() is not None
 
 
 def renew_leases(conn: psycopg.Connection, leases: list[tuple[str, str]], *, lease_seconds: float) -> list:

@@ -12,7 +12,8 @@ from referencing.exceptions import Unresolvable
 
 from services.common.errors import Unprocessable
 from services.common.vocabulary import OUTPUT_FORMATS, PROTOCOLS
-from services.prompt_builder.re2_validator import RE2_FORMAT_CHECKER, Re2Validator, UnsupportedPattern
+from services.prompt_builder.re2_validator import (RE2_FORMAT_CHECKER, Re2Validator, UnsupportedPattern,
+                                                  compile_pattern)
 
 FORMATS = OUTPUT_FORMATS
 # The name OpenAI's response_format requires for a schema; it only labels the schema.
@@ -60,6 +61,42 @@ def json_schema_problem(schema: Any) -> str | None:
         return f"json_schema is not a valid JSON Schema (Draft 2020-12): {error.message}"
     except RecursionError:
         return "json_schema is nested too deeply."
+    return _unusable_pattern(schema, ())
+
+
+# Keywords whose values are data, not schemas: a "pattern" inside them is not a regex.
+_DATA_KEYWORDS = frozenset({"const", "enum", "examples", "default"})
+
+
+def _patterns_of(node: dict) -> list[tuple[str, str]]:
+    """The regexes a schema object carries: (keyword, pattern)."""
+    found = [("pattern", node["pattern"])] if isinstance(node.get("pattern"), str) else []
+    if isinstance(node.get("patternProperties"), dict):
+        found += [("patternProperties", key) for key in node["patternProperties"]]
+    return found
+
+
+def _unusable_pattern(node: Any, path: tuple) -> str | None:
+    """The first pattern RE2 cannot compile anywhere in the schema document.
+
+    The meta-schema checks patterns where schemas are expected; a `$ref` may also point into any
+    other place of the document, so every `pattern` and `patternProperties` key is checked.
+    """
+    if isinstance(node, list):
+        items = enumerate(node)
+    elif isinstance(node, dict):
+        for keyword, pattern in _patterns_of(node):
+            try:
+                compile_pattern(pattern)
+            except UnsupportedPattern as error:
+                return _pattern_problem(error, _json_pointer((*path, keyword)))
+        items = ((key, value) for key, value in node.items() if key not in _DATA_KEYWORDS)
+    else:
+        return None
+    for key, value in items:
+        problem = _unusable_pattern(value, (*path, key))
+        if problem:
+            return problem
     return None
 
 

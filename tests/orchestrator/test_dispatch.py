@@ -4,6 +4,7 @@ Streamed requests (the front doors' streams) go through `stream_dispatch` direct
 """
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import replace
 from unittest.mock import ANY
@@ -111,6 +112,29 @@ def test_a_schema_pattern_is_checked_on_the_output(client, conn, code, status, o
                                                                max_retries=0))
     assert response.status_code == status
     assert [(a["outcome"], a["reasons"]) for a in response.get_json()["attempts"]] == [(outcome, reasons)]
+
+
+def test_a_pattern_reached_only_through_a_ref_is_refused_before_any_model_runs(client, conn):
+    schema = {"$ref": "#/x", "x": {"type": "string", "pattern": "(?=a)"}}
+    with FakeModelServer(reply='"a"') as server:
+        served_by(conn, server)
+        response = client.post("/dispatch", json=dispatch_body(output_format="json", json_schema=schema))
+    assert response.status_code == 422
+    assert "/x/pattern" in json.dumps(response.get_json()["errors"])
+    assert not [r for r in server.state.requests if r["method"] == "POST"]
+
+
+def test_output_that_cannot_be_checked_is_a_422_at_once_not_a_retry_on_every_model(client, conn):
+    schema = {"$ref": "#/nowhere"}       # a well-formed schema whose reference leads nowhere
+    with FakeModelServer(reply='{"answer": 42}') as server:
+        model = served_by(conn, server)
+        response = client.post("/dispatch", json=dispatch_body(output_format="json", json_schema=schema))
+    assert response.status_code == 422, response.get_json()
+    assert len([r for r in server.state.requests if r["method"] == "POST"]) == 1
+    row = queue_row(conn, response.headers["X-Request-ID"])
+    assert (row["status"], row["error_details"]["status"]) == ("failed", 422)
+    assert [r["active_requests"] for r in conn.execute(
+        "SELECT active_requests FROM container_lifecycle WHERE model_id = %s", (model["id"],))] == [0]
 
 
 def test_invalid_output_is_repaired_once_then_escalated_to_a_stronger_model(client, conn):

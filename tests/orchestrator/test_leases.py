@@ -168,3 +168,33 @@ def test_a_performance_row_that_cannot_be_written_does_not_keep_the_runtime_busy
 
     assert busy(conn, runtime["id"]) == 0 and queued(conn, holder.request_id)["holds_runtime"] is False
     assert performance_of(conn, holder.request_id) == []
+
+
+def test_a_worker_whose_lease_was_reclaimed_cannot_count_the_runtime_busy(db, conn, settings):
+    runtime, holder = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000406")
+    conn.execute("UPDATE request_queue SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+                 (holder.request_id,))
+    request_queue.reclaim_expired(conn, max_attempts=3)
+
+    assert queries.acquire_warm(conn, runtime["model_id"], holder) is None
+    with pytest.raises(request_queue.LeaseLost):
+        lifecycle.lease_runtime(db, runtime["model_id"], settings, holder=holder)
+    assert busy(conn, runtime["id"]) == 0
+    assert conn.execute("SELECT count(*) AS n FROM container_lifecycle").fetchone()["n"] == 1  # none started
+
+
+def test_a_late_release_does_not_free_the_hold_of_the_worker_that_took_the_request_over(conn):
+    runtime, first = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000407", owner="worker-a")
+    queries.acquire(conn, runtime["id"], first)
+    conn.execute("UPDATE request_queue SET lease_expires_at = now() - interval '1 second', mode = 'async'"
+                 " WHERE id = %s", (first.request_id,))
+    request_queue.reclaim_expired(conn, max_attempts=3)              # back to pending
+    claimed = request_queue.claim_next(conn, owner="worker-b", lease_seconds=30)
+    second = Holder(str(claimed["id"]), "worker-b")
+    queries.acquire(conn, runtime["id"], second)
+
+    queries.release(conn, runtime["id"], first)                      # worker A wakes up late
+
+    assert busy(conn, runtime["id"]) == 1 and queued(conn, second.request_id)["holds_runtime"] is True
+    queries.release(conn, runtime["id"], second)
+    assert busy(conn, runtime["id"]) == 0

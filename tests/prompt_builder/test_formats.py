@@ -298,13 +298,16 @@ def test_patterns_re2_cannot_run_are_refused_with_the_schema(schema, problem):
     assert caught.value.detail == problem + RE2_LIMITS
 
 
-def test_a_pattern_reached_only_through_a_reference_is_refused_when_used():
+def test_a_pattern_reached_only_through_a_reference_is_refused_up_front_and_when_used():
     schema = {"$ref": "#/notes", "notes": {"pattern": "(?=a)"}}
-    assert json_schema_problem(schema) is None      # the meta-schema does not look inside unknown keywords
+    # The meta-schema does not look inside unknown keywords; the walk over the document does.
+    assert json_schema_problem(schema) == ("json_schema has a pattern at /notes/pattern that RE2 cannot compile: "
+                                           "'(?=a)' (invalid perl operator: (?=). " + RE2_LIMITS)
+    assert json_schema_problem({"const": {"pattern": "(?=a)"}}) is None    # data, not a schema
     with pytest.raises(Unprocessable) as caught:
         parse_output('"a"', "json", schema)
-    assert caught.value.detail == ("json_schema has a pattern that RE2 cannot compile: '(?=a)' "
-                                   "(invalid perl operator: (?=). " + RE2_LIMITS)
+    assert caught.value.detail == ("json_schema has a pattern at /notes/pattern that RE2 cannot compile: "
+                                   "'(?=a)' (invalid perl operator: (?=). " + RE2_LIMITS)
 
 
 # --- code ----------------------------------------------------------------------------------------

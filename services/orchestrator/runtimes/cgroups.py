@@ -95,7 +95,7 @@ def find_placement(root: Path = Path("/")) -> Placement:
 
 
 def cgroup_name(runtime_id: str) -> str:
-    if not _RUNTIME_ID.match(runtime_id):
+    if not _RUNTIME_ID.fullmatch(runtime_id):
         raise ValueError(f"runtime id {runtime_id!r} cannot name a cgroup")
     return f"{NAME_PREFIX}{runtime_id}"
 
