@@ -1,10 +1,12 @@
-# One image for every service; the command picks which one runs.
+# One image for every service; the command picks which one runs. /n8n-bundle is where compose's
+# n8n-bundle service writes: a new named volume takes the owner of the directory it is mounted on.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update && apt-get install -y --no-install-recommends curl libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 dispatcher
+    && useradd --create-home --uid 10001 dispatcher \
+    && install -d -o dispatcher /n8n-bundle
 
 WORKDIR /app
 COPY pyproject.toml requirements-models.txt ./

@@ -2,16 +2,21 @@
 
     scripts/n8n-import [--with-schedules] [FILE ...]     create or update workflows and credentials
     scripts/n8n-export [--name NAME ...] [--output DIR]  write n8n/workflows/<verb_noun>.json
+    n8n_workflows.py bundle --output DIR [--with-schedules] [FILE ...]
+                                                         the same, as files for n8n's own CLI
 
-Both talk to n8n's public API: N8N_URL (default http://127.0.0.1:5678) and N8N_API_KEY (create
-one in n8n under Settings > n8n API). The import creates the credentials from the environment
-(N8N_WEBHOOK_TOKEN, required: the secret webhook callers send; DISPATCHER_API_TOKEN,
-ORCHESTRATOR_URL), so no secret or credential id is ever in a workflow file. Standard library
-only: it runs with any Python 3.11.
+Import and export talk to n8n's public API: N8N_URL (default http://127.0.0.1:5678) and
+N8N_API_KEY (create one in n8n under Settings > n8n API). `bundle` needs no n8n: it writes what
+scripts/n8n-import-bundle feeds to `n8n import:credentials`, `n8n import:workflow` and
+`n8n publish:workflow` (docker-compose.yml's n8n does so at each start). Both create the
+credentials from the environment (N8N_WEBHOOK_TOKEN, required: the secret webhook callers send;
+DISPATCHER_API_TOKEN, ORCHESTRATOR_URL), so no secret or credential id is ever in a workflow file.
+Standard library only: it runs with any Python 3.11.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -27,6 +32,9 @@ WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "n8n" / "workflows"
 # Node ids and webhook ids are derived from the workflow and node names, so files diff cleanly.
 ID_NAMESPACE = uuid.UUID("6f1c1d4e-2b7a-4c55-9a1e-0d5e8f3b7c21")
 GRID = 20
+# n8n's own ids are 16 characters of this alphabet (its generateNanoId).
+N8N_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+N8N_ID_LENGTH = 16
 
 
 class Credential(NamedTuple):
@@ -172,6 +180,20 @@ def has_trigger(workflow: dict, node_type: str) -> bool:
     return any(node["type"] == node_type for node in workflow["nodes"])
 
 
+def activates(workflow: dict, with_schedules: bool) -> bool:
+    """Whether the import activates a workflow: webhook flows always, schedule flows only when asked."""
+    return has_trigger(workflow, WEBHOOK_TYPE) or (with_schedules and has_trigger(workflow, SCHEDULE_TYPE))
+
+
+def load_importable(files: list[Path], environ: dict[str, str]) -> tuple[dict[Credential, dict], list[dict]]:
+    """The credentials' data and the workflows, or ImportRefused (missing webhook token, open webhook)."""
+    data = credential_data(environ)
+    workflows = [load_workflow(path) for path in files]
+    for workflow in workflows:
+        check_importable(workflow)
+    return data, workflows
+
+
 # --- import -----------------------------------------------------------------------------------
 
 def webhook_token(environ: dict[str, str]) -> str:
@@ -218,10 +240,7 @@ def import_workflows(client: N8nClient, files: list[Path], environ: dict[str, st
     Refuses (ImportRefused) before any call to n8n when the webhook token is missing or a workflow
     has an open webhook.
     """
-    data = credential_data(environ)
-    workflows = [load_workflow(path) for path in files]
-    for workflow in workflows:
-        check_importable(workflow)
+    data, workflows = load_importable(files, environ)
     credential_ids = upsert_credentials(client, data)
     existing = {w["name"]: w for w in client.list_all("/workflows")}
     ids = {}
@@ -233,12 +252,62 @@ def import_workflows(client: N8nClient, files: list[Path], environ: dict[str, st
         else:
             saved = client.call("POST", "/workflows", workflow)
         ids[workflow["name"]] = saved["id"]
-        activate = has_trigger(workflow, WEBHOOK_TYPE) or (with_schedules and has_trigger(workflow, SCHEDULE_TYPE))
+        activate = activates(workflow, with_schedules)
         if activate:
             client.call("POST", f"/workflows/{saved['id']}/activate")
         log(f"{'updated' if current else 'created'} {workflow['name']!r} ({saved['id']})"
             f"{', active' if activate else ''}")
     return ids
+
+
+# --- bundle for n8n's CLI -----------------------------------------------------------------------
+
+BUNDLE_CREDENTIALS = "credentials.json"
+BUNDLE_WORKFLOWS = "workflows"
+BUNDLE_PUBLISH = "publish"
+
+
+def n8n_id(kind: str, name: str) -> str:
+    """An id in n8n's own format derived from a name: `n8n import:*` upserts by id, so a re-import
+    updates in place instead of adding a copy."""
+    number = int.from_bytes(hashlib.sha256(f"{kind}/{name}".encode()).digest(), "big")
+    chars = []
+    for _ in range(N8N_ID_LENGTH):
+        number, index = divmod(number, len(N8N_ID_ALPHABET))
+        chars.append(N8N_ID_ALPHABET[index])
+    return "".join(chars)
+
+
+def credential_ids_for_bundle() -> dict[Credential, str]:
+    return {credential: n8n_id(f"credential/{credential.type}", credential.name) for credential in CREDENTIALS}
+
+
+def write_bundle(output: Path, files: list[Path], environ: dict[str, str], *, with_schedules: bool = False,
+                 log=print) -> list[str]:
+    """Write the credentials, the workflows and the ids of those to publish; those ids.
+
+    `data` is plain JSON: `n8n import:credentials` encrypts it with the instance's key. Refuses
+    (ImportRefused) before writing anything, like the import through the API.
+    """
+    data, workflows = load_importable(files, environ)
+    credential_ids = credential_ids_for_bundle()
+    workflow_dir = output / BUNDLE_WORKFLOWS
+    workflow_dir.mkdir(parents=True, exist_ok=True)
+    for stale in workflow_dir.glob("*.json"):   # a workflow file removed since the last bundle
+        stale.unlink()
+    published = []
+    for path, loaded in zip(files, workflows, strict=True):
+        workflow = {"id": n8n_id("workflow", loaded["name"]), **with_credentials(loaded, credential_ids)}
+        (workflow_dir / path.name).write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
+        publish = activates(workflow, with_schedules)
+        if publish:
+            published.append(workflow["id"])
+        log(f"bundled {workflow['name']!r} ({workflow['id']}){', to publish' if publish else ''}")
+    credentials = [{"id": credential_ids[credential], "name": credential.name, "type": credential.type,
+                    "data": data[credential]} for credential in CREDENTIALS]
+    (output / BUNDLE_CREDENTIALS).write_text(json.dumps(credentials, indent=2) + "\n")
+    (output / BUNDLE_PUBLISH).write_text("".join(f"{workflow_id}\n" for workflow_id in published))
+    return published
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -271,19 +340,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     importer = commands.add_parser("import", help="create or update the workflows and credentials")
-    importer.add_argument("files", nargs="*", help="workflow files (default: n8n/workflows/*.json)")
-    importer.add_argument("--with-schedules", action="store_true",
-                          help="also activate the schedule workflows (they then run on their own)")
+    bundler = commands.add_parser("bundle", help="write the credentials and workflows for n8n's own import commands")
+    bundler.add_argument("--output", type=Path, required=True, help="folder (created if missing)")
+    for command in (importer, bundler):
+        command.add_argument("files", nargs="*", help="workflow files (default: n8n/workflows/*.json)")
+        command.add_argument("--with-schedules", action="store_true",
+                             help="also activate the schedule workflows (they then run on their own)")
     exporter = commands.add_parser("export", help="write the workflows back as stable JSON")
     exporter.add_argument("--name", action="append", help="a workflow name (repeatable)")
     exporter.add_argument("--output", type=Path, default=WORKFLOW_DIR, help="folder (default: n8n/workflows)")
     args = parser.parse_args(argv)
 
-    api_key = os.environ.get("N8N_API_KEY")
-    if not api_key:
-        parser.error("set N8N_API_KEY (n8n: Settings > n8n API > Create an API key)")
-    client = N8nClient(os.environ.get("N8N_URL", "http://127.0.0.1:5678"), api_key)
     try:
+        if args.command == "bundle":
+            write_bundle(args.output, workflow_files(args.files), dict(os.environ), with_schedules=args.with_schedules)
+            return 0
+        api_key = os.environ.get("N8N_API_KEY")
+        if not api_key:
+            parser.error("set N8N_API_KEY (n8n: Settings > n8n API > Create an API key)")
+        client = N8nClient(os.environ.get("N8N_URL", "http://127.0.0.1:5678"), api_key)
         if args.command == "import":
             import_workflows(client, workflow_files(args.files), dict(os.environ), with_schedules=args.with_schedules)
         else:

@@ -22,7 +22,7 @@ def compose() -> dict:
 def test_declares_every_service(compose):
     assert set(compose["services"]) == {
         "postgres", "migrate", "registry", "orchestrator", "prompt-builder", "optimizer",
-        "worker", "scheduler", "n8n", "ollama"}
+        "worker", "scheduler", "n8n-bundle", "n8n", "ollama"}
 
 
 def test_only_the_orchestrator_gets_the_docker_socket(compose):
@@ -48,11 +48,42 @@ def test_model_containers_join_the_stack_network_and_share_the_ollama_store(comp
     assert compose["services"]["ollama"]["volumes"] == ["ollama_models:/root/.ollama"]
 
 
-def test_n8n_imports_the_mounted_workflows_and_has_a_health_check(compose):
+def test_n8n_bundle_writes_the_credentials_and_workflows_from_the_environment(compose):
+    bundle = compose["services"]["n8n-bundle"]
+    assert bundle["image"] == compose["services"]["registry"]["image"]   # the project's image: it has Python
+    assert bundle["command"] == ["python", "scripts/n8n_workflows.py", "bundle", "--output", "/n8n-bundle"]
+    assert bundle["volumes"] == ["./scripts/n8n_workflows.py:/app/scripts/n8n_workflows.py:ro",
+                                 "./n8n/workflows:/app/n8n/workflows:ro", "n8n_bundle:/n8n-bundle"]
+    assert bundle["environment"]["N8N_WEBHOOK_TOKEN"].startswith("${N8N_WEBHOOK_TOKEN:?set N8N_WEBHOOK_TOKEN")
+    assert bundle["environment"]["DISPATCHER_API_TOKEN"] == compose["x-service"]["environment"]["DISPATCHER_API_TOKEN"]
+    assert bundle["environment"]["ORCHESTRATOR_URL"] == compose["services"]["n8n"]["environment"]["ORCHESTRATOR_URL"]
+    assert bundle["restart"] == "no"
+
+
+def test_the_bundle_volume_is_writable_by_the_image_s_user():
+    """A new named volume takes the owner of the image directory it is mounted on."""
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    assert "install -d -o dispatcher /n8n-bundle" in dockerfile
+    assert dockerfile.index("install -d -o dispatcher /n8n-bundle") < dockerfile.index("USER dispatcher")
+
+
+def test_n8n_imports_the_bundle_with_its_own_cli_then_serves(compose):
     n8n = compose["services"]["n8n"]
-    assert "./n8n/workflows:/workflows:ro" in n8n["volumes"]
-    assert "n8n import:workflow --separate --input=/workflows" in n8n["entrypoint"][-1]
+    assert n8n["depends_on"]["n8n-bundle"] == {"condition": "service_completed_successfully"}
+    assert n8n["volumes"] == ["n8n_data:/home/node/.n8n", "n8n_bundle:/n8n-bundle:ro",
+                              "./scripts/n8n-import-bundle:/usr/local/bin/n8n-import-bundle:ro"]
+    # tests/n8n/test_compose_import.py runs this script and then `n8n start` against a real n8n.
+    assert n8n["entrypoint"] == ["/bin/sh", "-c", "sh /usr/local/bin/n8n-import-bundle /n8n-bundle && exec n8n start"]
     assert n8n["healthcheck"]["test"][-1].startswith("wget -qO- http://127.0.0.1:5678/healthz")
+    assert set(compose["volumes"]) >= {"n8n_data", "n8n_bundle"}
+
+
+@pytest.mark.parametrize("service", ["n8n-bundle", "n8n"])
+def test_every_file_bind_mounted_into_n8n_exists(compose, service):
+    for volume in compose["services"][service]["volumes"]:
+        source = volume.split(":")[0]
+        if source.startswith("./"):
+            assert (PROJECT_ROOT / source).exists(), volume
 
 
 def compose_command() -> list[str] | None:
@@ -62,9 +93,28 @@ def compose_command() -> list[str] | None:
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
-@pytest.mark.skipif(compose_command() is None, reason="neither `docker compose` nor docker-compose is installed "
-                                                      "(scripts/dockerd-test-env install adds it): YAML checks only")
-def test_compose_validates_the_file():
-    result = subprocess.run([*compose_command(), "-f", str(COMPOSE_FILE), "config", "--quiet"],
-                            capture_output=True, text=True, env={**os.environ, "DISPATCHER_API_TOKEN": "x"})
+needs_compose = pytest.mark.skipif(compose_command() is None, reason="neither `docker compose` nor docker-compose is "
+                                   "installed (scripts/dockerd-test-env install adds it): YAML checks only")
+
+
+def compose_config(tmp_path, **environ: str) -> subprocess.CompletedProcess:
+    """`config --quiet` on the file with only these of the variables it reads set (no .env file either)."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in {"N8N_WEBHOOK_TOKEN", "DISPATCHER_API_TOKEN"}}
+    (tmp_path / "empty.env").write_text("")
+    return subprocess.run([*compose_command(), "--env-file", str(tmp_path / "empty.env"), "-f", str(COMPOSE_FILE),
+                           "config", "--quiet"], capture_output=True, text=True, env={**env, **environ})
+
+
+@needs_compose
+def test_compose_validates_the_file(tmp_path):
+    result = compose_config(tmp_path, DISPATCHER_API_TOKEN="x", N8N_WEBHOOK_TOKEN="y")
     assert (result.returncode, result.stderr) == (0, "")
+
+
+@needs_compose
+def test_compose_refuses_to_run_without_a_webhook_token(tmp_path):
+    result = compose_config(tmp_path, DISPATCHER_API_TOKEN="x")
+    assert result.returncode != 0
+    assert "set N8N_WEBHOOK_TOKEN: the secret n8n's webhooks require (README: Run the full stack with Docker)" in (
+        result.stderr)

@@ -141,16 +141,29 @@ class N8n:
         return json.loads(text[text.index("\n{\n"):])["data"]["resultData"]
 
 
-def start_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -> N8n:
-    """Start `n8n start`, set up its owner and an API key; wait until it serves."""
+def n8n_env(folder: Path, service_env: dict[str, str], port: int | None = None) -> dict[str, str]:
+    """The environment of an n8n command on this user folder (`n8n start` listens on `port`)."""
+    port = port or free_port()
+    return {**os.environ, **N8N_QUIET, **service_env, "N8N_USER_FOLDER": str(folder), "N8N_PORT": str(port),
+            "N8N_RUNNERS_BROKER_PORT": str(free_port()), "WEBHOOK_URL": f"http://127.0.0.1:{port}/",
+            # scripts/n8n-import-bundle calls `n8n` as the compose n8n image has it: on the PATH.
+            "PATH": f"{N8N_BIN.parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def serve_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """Start `n8n start` on a free port; wait until its public API is mounted; its URL and environment."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, **N8N_QUIET, **service_env, "N8N_USER_FOLDER": str(folder), "N8N_PORT": str(port),
-           "N8N_RUNNERS_BROKER_PORT": str(free_port()), "WEBHOOK_URL": f"{url}/"}
+    env = n8n_env(folder, service_env, port)
     process, log = processes.start("n8n", [str(N8N_BIN), "start"], env)
+    url = f"http://127.0.0.1:{port}"
     # /healthz/readiness answers long before the public API is mounted (first start: migrations).
     wait_until(lambda: requests.get(f"{url}/api/v1/workflows", timeout=2).status_code == 401, "n8n",
                timeout_s=180, log=log, process=process)
+    return url, env
+
+
+def create_api_key(url: str) -> str:
+    """Set up n8n's owner, log in and create an API key for the public API."""
     with requests.Session() as session:   # the login cookie
         session.post(f"{url}/rest/owner/setup", json=OWNER, timeout=30).raise_for_status()
         session.post(f"{url}/rest/login", json={"emailOrLdapLoginId": OWNER["email"], "password": OWNER["password"]},
@@ -159,7 +172,13 @@ def start_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -
         created = session.post(f"{url}/rest/api-keys", json={"label": "dispatcher tests", "scopes": ["workflow:read"],
                                                               "expiresAt": None}, timeout=30)
         created.raise_for_status()
-    return N8n(url=url, env=env, api_key=created.json()["data"]["rawApiKey"])
+    return created.json()["data"]["rawApiKey"]
+
+
+def start_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -> N8n:
+    """Start `n8n start`, set up its owner and an API key; wait until it serves."""
+    url, env = serve_n8n(processes, folder, service_env)
+    return N8n(url=url, env=env, api_key=create_api_key(url))
 
 
 def workflow_tool():

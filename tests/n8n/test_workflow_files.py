@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -311,3 +314,101 @@ def test_the_import_script_refuses_to_run_without_a_webhook_token():
         "n8n_workflows.py: error: set N8N_WEBHOOK_TOKEN: webhook callers must send 'Authorization: Bearer <it>'"
         " (make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
     assert result.stdout == ""
+
+
+# --- the bundle for n8n's own CLI (docker-compose.yml's n8n) -------------------------------------
+
+WEBHOOK_FILES = {"route_request.json", "dispatch_request.json", "dispatch_async.json", "onboard_model.json",
+                 "record_feedback.json", "chat_ollama.json"}
+SCHEDULE_FILES = {"optimize_models.json", "clean_runtimes.json"}
+
+
+def run_bundle(output: Path, environ: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`scripts/n8n_workflows.py bundle` as docker-compose.yml's n8n-bundle service runs it, without an API key."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("N8N_", "DISPATCHER_"))}
+    return subprocess.run([sys.executable, "scripts/n8n_workflows.py", "bundle", "--output", str(output), *args],
+                          env={**env, **environ}, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_bundle_ids_are_n8n_ids_derived_from_the_name():
+    ids = [tool.n8n_id("workflow", name) for name in ("Feedback", "Feedback ", "Dispatch (one call)")]
+
+    assert all(re.fullmatch(r"[0-9A-Za-z]{16}", found) for found in ids)
+    assert len(set(ids)) == 3
+    assert tool.n8n_id("workflow", "Feedback") == ids[0]
+    assert tool.n8n_id("credential/httpHeaderAuth", "Feedback") != ids[0]
+    assert len(set(tool.credential_ids_for_bundle().values())) == len(tool.CREDENTIALS)
+
+
+def test_the_bundle_holds_the_credentials_and_the_workflows_pointing_at_them(tmp_path):
+    published = tool.write_bundle(tmp_path, FILES, ENVIRON, log=lambda line: None)
+
+    ids = tool.credential_ids_for_bundle()
+    assert json.loads((tmp_path / "credentials.json").read_text()) == [
+        {"id": ids[tool.API_CREDENTIAL], "name": "Dispatcher API", "type": "httpHeaderAuth",
+         "data": {"name": "Authorization", "value": "Bearer api-s3cret"}},
+        {"id": ids[tool.WEBHOOK_CREDENTIAL], "name": "Dispatcher webhooks", "type": "httpHeaderAuth",
+         "data": {"name": "Authorization", "value": "Bearer hook-s3cret"}},
+        {"id": ids[tool.OLLAMA_CREDENTIAL], "name": "Dispatcher Ollama front door", "type": "ollamaApi",
+         "data": {"baseUrl": "http://orch:8102", "apiKey": "api-s3cret"}},
+    ]
+    for path in FILES:
+        workflow = WORKFLOWS[path.name]
+        assert json.loads((tmp_path / "workflows" / path.name).read_text()) == {
+            "id": tool.n8n_id("workflow", workflow["name"]), **tool.with_credentials(workflow, ids)}, path.name
+    assert sorted(p.name for p in (tmp_path / "workflows").iterdir()) == sorted(WORKFLOWS)
+    webhook_ids = {tool.n8n_id("workflow", WORKFLOWS[name]["name"]) for name in WEBHOOK_FILES}
+    assert set(published) == webhook_ids and len(published) == len(webhook_ids)
+    assert (tmp_path / "publish").read_text() == "".join(f"{found}\n" for found in published)
+
+
+def test_with_schedules_the_bundle_publishes_the_schedule_flows_too(tmp_path):
+    published = tool.write_bundle(tmp_path, FILES, ENVIRON, with_schedules=True, log=lambda line: None)
+
+    assert set(published) == {tool.n8n_id("workflow", WORKFLOWS[name]["name"]) for name in WEBHOOK_FILES | SCHEDULE_FILES}
+
+
+def test_a_bundle_replaces_the_workflows_of_the_previous_one(tmp_path):
+    tool.write_bundle(tmp_path, FILES, ENVIRON, log=lambda line: None)
+    feedback = ROOT / "n8n" / "workflows" / "record_feedback.json"
+
+    published = tool.write_bundle(tmp_path, [feedback], ENVIRON, log=lambda line: None)
+
+    assert [p.name for p in (tmp_path / "workflows").iterdir()] == ["record_feedback.json"]
+    assert published == [tool.n8n_id("workflow", "Feedback")]
+    assert (tmp_path / "publish").read_text() == f"{published[0]}\n"
+
+
+def test_the_bundle_command_needs_no_api_key(tmp_path):
+    result = run_bundle(tmp_path / "bundle", ENVIRON)
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.splitlines()) == sorted(
+        f"bundled {w['name']!r} ({tool.n8n_id('workflow', w['name'])}){', to publish' if name in WEBHOOK_FILES else ''}"
+        for name, w in WORKFLOWS.items())
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["credentials.json", "publish", "workflows"]
+
+
+@pytest.mark.parametrize("token", [None, "", "two words"])
+def test_the_bundle_command_writes_nothing_without_a_usable_webhook_token(tmp_path, token):
+    environ = {"DISPATCHER_API_TOKEN": "api-s3cret"} | ({} if token is None else {"N8N_WEBHOOK_TOKEN": token})
+
+    result = run_bundle(tmp_path / "bundle", environ)
+
+    assert result.returncode == 2
+    assert re.match(r"n8n_workflows\.py: error: (set N8N_WEBHOOK_TOKEN|N8N_WEBHOOK_TOKEN must be printable)",
+                    result.stderr.splitlines()[-1]), result.stderr
+    assert (result.stdout, (tmp_path / "bundle").exists()) == ("", False)
+
+
+def test_the_bundle_command_writes_nothing_for_an_open_webhook(tmp_path):
+    workflow = json.loads(json.dumps(WORKFLOWS["dispatch_request.json"]))
+    nodes_by_type(workflow, "n8n-nodes-base.webhook")[0]["parameters"]["authentication"] = "none"
+    (tmp_path / "open.json").write_text(json.dumps(workflow))
+
+    result = run_bundle(tmp_path / "bundle", ENVIRON, str(tmp_path / "open.json"))
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "n8n_workflows.py: error: 'Dispatch (one call)': webhook 'Webhook' does not use header auth: anyone could call it")
+    assert not (tmp_path / "bundle").exists()
