@@ -9,8 +9,10 @@ Import and export talk to n8n's public API: N8N_URL (default http://127.0.0.1:56
 N8N_API_KEY (create one in n8n under Settings > n8n API). `bundle` needs no n8n: it writes what
 scripts/n8n-import-bundle feeds to `n8n import:credentials`, `n8n import:workflow` and
 `n8n publish:workflow` (docker-compose.yml's n8n does so at each start). Both create the
-credentials from the environment (N8N_WEBHOOK_TOKEN, required: the secret webhook callers send;
-DISPATCHER_API_TOKEN, ORCHESTRATOR_URL), so no secret or credential id is ever in a workflow file.
+credentials from the environment (N8N_WEBHOOK_TOKEN, required: the secret webhook callers send,
+and the orchestrator with the async flow's callback to a Wait node's resume URL; DISPATCHER_API_TOKEN,
+ORCHESTRATOR_URL), so no secret or credential id is ever in a workflow file. n8n's own environment
+needs N8N_WEBHOOK_TOKEN too: the async flow reads it there ($env) to hand it to the orchestrator.
 Standard library only: it runs with any Python 3.11.
 """
 from __future__ import annotations
@@ -52,6 +54,7 @@ CREDENTIALS = (API_CREDENTIAL, WEBHOOK_CREDENTIAL, OLLAMA_CREDENTIAL)
 
 WEBHOOK_TOKEN_VARIABLE = "N8N_WEBHOOK_TOKEN"
 WEBHOOK_TYPE = "n8n-nodes-base.webhook"
+WAIT_TYPE = "n8n-nodes-base.wait"
 OLLAMA_CHAT_TYPE = "@n8n/n8n-nodes-langchain.lmChatOllama"
 SCHEDULE_TYPE = "n8n-nodes-base.scheduleTrigger"
 TOP_LEVEL_KEYS = ("name", "nodes", "connections", "settings")
@@ -157,6 +160,8 @@ def credential_of(node: dict) -> Credential | None:
         if parameters.get("authentication") != "headerAuth":
             raise ImportRefused(f"webhook {node['name']!r} does not use header auth: anyone could call it")
         return WEBHOOK_CREDENTIAL
+    if node["type"] == WAIT_TYPE:
+        return wait_credential(node)
     if node["type"] == OLLAMA_CHAT_TYPE:
         return OLLAMA_CREDENTIAL
     if parameters.get("authentication") == "genericCredentialType":
@@ -167,8 +172,23 @@ def credential_of(node: dict) -> Credential | None:
     return None
 
 
+def wait_credential(node: dict) -> Credential | None:
+    """A Wait node resumed by a call to its resume URL (an n8n URL with a sequential execution id,
+    unsigned) requires the webhook token, as webhooks do."""
+    parameters = node.get("parameters", {})
+    resume = parameters.get("resume", "timeInterval")
+    if resume == "webhook":
+        if parameters.get("incomingAuthentication") != "headerAuth":
+            raise ImportRefused(f"wait node {node['name']!r} resumes on a webhook without header auth:"
+                                " anyone could resume it")
+        return WEBHOOK_CREDENTIAL
+    if resume == "form":   # a form can only take basic auth, and the import creates no such credential
+        raise ImportRefused(f"wait node {node['name']!r} resumes on a form, which cannot require the webhook token")
+    return None
+
+
 def check_importable(workflow: dict) -> None:
-    """Refuse a workflow with an open webhook or a credential the import does not create."""
+    """Refuse a workflow with an open webhook or resume URL, or a credential the import does not create."""
     for node in workflow["nodes"]:
         try:
             credential_of(node)
@@ -186,7 +206,8 @@ def activates(workflow: dict, with_schedules: bool) -> bool:
 
 
 def load_importable(files: list[Path], environ: dict[str, str]) -> tuple[dict[Credential, dict], list[dict]]:
-    """The credentials' data and the workflows, or ImportRefused (missing webhook token, open webhook)."""
+    """The credentials' data and the workflows, or ImportRefused (missing webhook token, open webhook or
+    resume URL)."""
     data = credential_data(environ)
     workflows = [load_workflow(path) for path in files]
     for workflow in workflows:
@@ -238,7 +259,7 @@ def import_workflows(client: N8nClient, files: list[Path], environ: dict[str, st
     """Create or update every workflow (matched by name) and activate the triggered ones; ids by name.
 
     Refuses (ImportRefused) before any call to n8n when the webhook token is missing or a workflow
-    has an open webhook.
+    has an open webhook or resume URL.
     """
     data, workflows = load_importable(files, environ)
     credential_ids = upsert_credentials(client, data)

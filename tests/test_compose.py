@@ -67,6 +67,13 @@ def test_the_bundle_volume_is_writable_by_the_image_s_user():
     assert dockerfile.index("install -d -o dispatcher /n8n-bundle") < dockerfile.index("USER dispatcher")
 
 
+def test_n8n_has_the_webhook_token_in_its_environment_as_the_bundle_does(compose):
+    """The async flow reads it ($env) and hands it to the orchestrator for the callback to its resume URL."""
+    n8n, bundle = compose["services"]["n8n"], compose["services"]["n8n-bundle"]
+    assert n8n["environment"]["N8N_WEBHOOK_TOKEN"] == bundle["environment"]["N8N_WEBHOOK_TOKEN"]
+    assert n8n["environment"]["N8N_BLOCK_ENV_ACCESS_IN_NODE"] == "false"
+
+
 def test_n8n_imports_the_bundle_with_its_own_cli_then_serves(compose):
     n8n = compose["services"]["n8n"]
     assert n8n["depends_on"]["n8n-bundle"] == {"condition": "service_completed_successfully"}

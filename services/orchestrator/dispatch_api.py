@@ -27,18 +27,21 @@ class Dispatch(MethodView):
     def post(self, body):
         """Answer a prompt with the best model, or queue it (`async: true` / `Prefer: respond-async`)."""
         run_async = body.pop("run_async") or "respond-async" in request.headers.get("Prefer", "")
+        # Secrets: kept in a column of their own, out of the payload that is stored and read back.
+        callback_headers = body.pop("callback_headers") or None
         request_id = dispatch_request_id()
         db = get_db()
         if run_async:
             with db.connection(autocommit=True) as conn:
                 request_queue.enqueue(conn, request_id=request_id, payload=body, task_type=body["task_type"],
-                                      priority=body["priority"], mode="async", callback_url=body["callback_url"])
+                                      priority=body["priority"], mode="async", callback_url=body["callback_url"],
+                                      callback_headers=callback_headers)
             status_url = url_for("dispatch.RequestStatus", request_id=request_id)
             # A Response, so the 200 schema does not apply to it.
             accepted = jsonify(AcceptedSchema().dump(
                 {"request_id": request_id, "status": "pending", "status_url": status_url}))
             return accepted, 202, {"Location": status_url}
-        row = enqueue_sync(request_id, body)
+        row = enqueue_sync(request_id, body, callback_headers)
         return run_queued_request(db, current_settings(), row, owner=row["lease_owner"], raise_problem=True)
 
 
@@ -90,10 +93,10 @@ def dispatch_request_id() -> str:
     return request_id
 
 
-def enqueue_sync(request_id: str, payload: dict) -> dict:
+def enqueue_sync(request_id: str, payload: dict, callback_headers: dict | None = None) -> dict:
     """Record a request this thread runs now: already processing, leased to it."""
     with get_db().connection(autocommit=True) as conn:
         return request_queue.enqueue(conn, request_id=request_id, payload=payload, task_type=payload["task_type"],
                                      priority=payload["priority"], mode="sync", callback_url=payload["callback_url"],
-                                     lease_owner=request_queue.lease_owner(),
+                                     callback_headers=callback_headers, lease_owner=request_queue.lease_owner(),
                                      lease_seconds=current_settings().queue_lease_s)

@@ -1,6 +1,8 @@
 """Request and response schemas of the dispatch endpoints."""
 from __future__ import annotations
 
+import re
+
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from services.common.vocabulary import OUTPUT_FORMATS, TASK_TYPES
@@ -11,6 +13,35 @@ from services.registry.selection import COMPLEXITY_LEVELS
 MODEL_REF = r"^[a-z0-9][a-z0-9._-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?$"
 TAG = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+# Callback header names are RFC 9110 tokens; values are visible ASCII at both ends, spaces and tabs
+# only inside: the HTTP client refuses leading whitespace and line breaks, and its error message
+# would carry the value (a secret) into a log line. Matched whole (fullmatch): a pattern's $ also
+# matches before a final line break.
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")
+HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e\t]{0,4094}[\x21-\x7e])?")
+# Hop-by-hop headers, and those describing the message, which the HTTP client sets itself.
+RESERVED_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                              "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
+                              "content-length", "content-type"})
+MAX_CALLBACK_HEADERS = 8
+
+
+def _header_name(name: str) -> None:
+    if not HEADER_NAME.fullmatch(name):
+        raise ValidationError("Not a valid header name.")
+    if name.lower() in RESERVED_HEADERS:
+        raise ValidationError("A header the HTTP client sets itself cannot be given.")
+
+
+def _header_value(value: str) -> None:
+    # Never quote the value in the message: it is a secret.
+    if not HEADER_VALUE.fullmatch(value):
+        raise ValidationError("A header value is 1 to 4096 visible ASCII characters (spaces and tabs only inside).")
+
+
+def _few_headers(headers: dict) -> None:
+    if len(headers) > MAX_CALLBACK_HEADERS:
+        raise ValidationError(f"At most {MAX_CALLBACK_HEADERS} headers.")
 
 
 class Complexity(fields.Field):
@@ -70,6 +101,12 @@ class DispatchSchema(Schema):
     run_async = fields.Boolean(data_key="async", load_default=False)
     callback_url = fields.Url(load_default=None, allow_none=True, schemes={"http", "https"},
                               require_tld=False, validate=validate.Length(max=2000))
+    callback_headers = fields.Dict(
+        keys=fields.String(validate=_header_name), load_default=None, allow_none=True, validate=_few_headers,
+        values=fields.String(validate=_header_value, metadata={"pattern": "^[!-~]([ -~\t]*[!-~])?$", "maxLength": 4096}),
+        metadata={"maxProperties": MAX_CALLBACK_HEADERS, "description": (
+            "Headers sent with the callback, and its retries (say, the token a resume webhook requires); needs "
+            "callback_url. Secrets: stored apart from the request, never returned or logged, dropped once it ends")})
 
     @validates_schema
     def _prompt_or_messages(self, data: dict, **kwargs) -> None:
@@ -79,6 +116,8 @@ class DispatchSchema(Schema):
             raise ValidationError("The last message must be a user message.", "messages")
         if data.get("json_schema") is not None:
             _check_json_schema(data["json_schema"], data.get("output_format"))
+        if data.get("callback_headers") is not None:
+            _check_callback_headers(data["callback_headers"], data.get("callback_url"))
 
 
 def _check_json_schema(json_schema: dict, output_format: str | None) -> None:
@@ -87,6 +126,14 @@ def _check_json_schema(json_schema: dict, output_format: str | None) -> None:
     # Checked here too, not only when the prompt is built: a queued request must not fail later for it.
     if problem := json_schema_problem(json_schema):
         raise ValidationError(problem, "json_schema")
+
+
+def _check_callback_headers(headers: dict, callback_url: str | None) -> None:
+    if callback_url is None:
+        raise ValidationError("callback_headers needs a callback_url.", "callback_headers")
+    names = [name.lower() for name in headers]
+    if len(set(names)) < len(names):
+        raise ValidationError("Each header may be given once (names are case-insensitive).", "callback_headers")
 
 
 class AcceptedSchema(Schema):

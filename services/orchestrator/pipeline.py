@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -222,14 +222,32 @@ def _error_details(error: Exception) -> dict:
 
 
 def _call_back(row: dict, body: dict) -> None:
-    """POST the outcome to the request's callback URL (e.g. an n8n Wait node's resume URL)."""
+    """POST the outcome to the request's callback URL (e.g. an n8n Wait node's resume URL).
+
+    With the request's `callback_headers` (secrets: they never reach a log line). Redirects are
+    not followed: the headers would go to wherever the receiver points.
+    """
     if not row.get("callback_url"):
         return
+    headers = row.get("callback_headers") or {}
     try:
-        response = _callback_session().post(row["callback_url"], json=body)
+        response = _callback_session().post(row["callback_url"], json=body, headers=headers, allow_redirects=False)
         response.raise_for_status()
+        if response.status_code >= 300:
+            raise CallbackRedirected(f"{response.status_code} redirect, not followed, for url: {row['callback_url']}")
     except Exception as error:  # the result stays available at GET /requests/{id}
-        logger.warning("callback failed", extra={"dispatch_id": str(row["id"]), "error": str(error)})
+        logger.warning("callback failed", extra={"dispatch_id": str(row["id"]),
+                                                 "error": _redacted(str(error), headers.values())})
+
+
+class CallbackRedirected(Exception):
+    """The callback's receiver answered with a redirect, which is not followed."""
+
+
+def _redacted(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 @lru_cache(maxsize=1)

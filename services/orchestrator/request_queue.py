@@ -4,6 +4,9 @@ A row moves pending -> processing -> completed | failed, or pending -> cancelled
 processing row through its lease; a row whose lease expired (its worker is gone) is reclaimed:
 async rows go back to pending until they run out of attempts, sync rows fail (their caller is gone).
 Completion is conditional on still holding the lease, so a reclaimed request is never finished twice.
+
+`callback_headers` are secrets (a resume webhook's token): no endpoint returns them, and a request
+that has ended drops them (its callback is made from the row its worker already holds).
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ CHANNEL = "request_queue"
 
 RETURNING = """
 RETURNING id, request_payload, task_type, priority, mode, status, attempts, assigned_model_id,
-          assigned_runtime_id, lease_owner, lease_expires_at, callback_url, result, error_details,
-          created_at, started_at, completed_at
+          assigned_runtime_id, lease_owner, lease_expires_at, callback_url, callback_headers, result,
+          error_details, created_at, started_at, completed_at
 """
 
 
@@ -46,25 +49,27 @@ def lease_owner() -> str:
 
 
 def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_type: str, priority: int, mode: str,
-            callback_url: str | None, lease_owner: str | None = None,
+            callback_url: str | None, callback_headers: dict | None = None, lease_owner: str | None = None,
             lease_seconds: float | None = None) -> dict:
     """Record a request: pending (async), or already leased to the caller's process (sync)."""
+    params = {"id": request_id, "payload": Jsonb(payload), "task_type": task_type, "priority": priority,
+              "callback_url": callback_url,
+              "callback_headers": None if callback_headers is None else Jsonb(callback_headers)}
     if mode == "sync":
         return conn.execute(
             "INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status, attempts,"
-            " lease_owner, lease_expires_at, started_at, callback_url)"
+            " lease_owner, lease_expires_at, started_at, callback_url, callback_headers)"
             " VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'sync', 'processing', 1, %(owner)s,"
-            " now() + make_interval(secs => %(lease)s), now(), %(callback_url)s)" + RETURNING,
-            {"id": request_id, "payload": Jsonb(payload), "task_type": task_type, "priority": priority,
-             "owner": lease_owner, "lease": lease_seconds, "callback_url": callback_url},
+            " now() + make_interval(secs => %(lease)s), now(), %(callback_url)s, %(callback_headers)s)" + RETURNING,
+            {**params, "owner": lease_owner, "lease": lease_seconds},
         ).fetchone()
     # One statement, so the NOTIFY is delivered when the row is committed, even in autocommit.
     return conn.execute(
-        "WITH queued AS (INSERT INTO request_queue (id, request_payload, task_type, priority, mode, callback_url)"
-        " VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'async', %(callback_url)s)" + RETURNING + ")"
+        "WITH queued AS (INSERT INTO request_queue (id, request_payload, task_type, priority, mode, callback_url,"
+        " callback_headers) VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'async', %(callback_url)s,"
+        " %(callback_headers)s)" + RETURNING + ")"
         " SELECT queued.* FROM queued, pg_notify(%(channel)s, '')",
-        {"id": request_id, "payload": Jsonb(payload), "task_type": task_type, "priority": priority,
-         "callback_url": callback_url, "channel": CHANNEL},
+        {**params, "channel": CHANNEL},
     ).fetchone()
 
 
@@ -103,7 +108,7 @@ def complete(conn: psycopg.Connection, request_id, *, owner: str, result: dict) 
     """Finish a request this owner still holds; False when its lease was lost meanwhile."""
     row = conn.execute(
         "UPDATE request_queue SET status = 'completed', result = %s, completed_at = now(),"
-        " lease_expires_at = NULL WHERE id = %s AND lease_owner = %s AND status = 'processing'"
+        " lease_expires_at = NULL, callback_headers = NULL WHERE id = %s AND lease_owner = %s AND status = 'processing'"
         " RETURNING id",
         (Jsonb(result), request_id, owner),
     ).fetchone()
@@ -114,7 +119,7 @@ def fail(conn: psycopg.Connection, request_id, *, owner: str, error_details: dic
     """Mark a request this owner still holds as failed, with every attempt in `error_details`."""
     row = conn.execute(
         "UPDATE request_queue SET status = 'failed', error_details = %s, completed_at = now(),"
-        " lease_expires_at = NULL WHERE id = %s AND lease_owner = %s AND status = 'processing'"
+        " lease_expires_at = NULL, callback_headers = NULL WHERE id = %s AND lease_owner = %s AND status = 'processing'"
         " RETURNING id",
         (Jsonb(error_details), request_id, owner),
     ).fetchone()
@@ -124,7 +129,7 @@ def fail(conn: psycopg.Connection, request_id, *, owner: str, error_details: dic
 def cancel(conn: psycopg.Connection, request_id) -> dict | None:
     """Cancel a pending request; None when it is not pending (or does not exist)."""
     return conn.execute(
-        "UPDATE request_queue SET status = 'cancelled', completed_at = now()"
+        "UPDATE request_queue SET status = 'cancelled', completed_at = now(), callback_headers = NULL"
         " WHERE id = %s AND status = 'pending'" + RETURNING,
         (request_id,),
     ).fetchone()
@@ -159,6 +164,7 @@ def reclaim_expired(conn: psycopg.Connection, *, max_attempts: int) -> list[dict
         "        'detail', 'The worker running this request stopped before finishing it.',"
         "        'attempts', attempts) END,"
         " completed_at = CASE WHEN mode = 'async' AND attempts < %(max)s THEN NULL ELSE now() END,"
+        " callback_headers = CASE WHEN mode = 'async' AND attempts < %(max)s THEN callback_headers END,"
         " lease_owner = NULL, lease_expires_at = NULL, holds_runtime = false"
         " WHERE id IN (SELECT id FROM expired)"
         " RETURNING id, mode, status, attempts",

@@ -5,9 +5,12 @@ import importlib.util
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -35,6 +38,7 @@ class Stack:
     token: str
     database_url: str
     runtime_dir: Path
+    worker: subprocess.Popen | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -50,6 +54,15 @@ class Stack:
         """One authenticated call to a service."""
         return requests.request(method, self.urls[service] + path, headers=self.headers, timeout=120, **kwargs)
 
+    @contextmanager
+    def worker_paused(self) -> Iterator[None]:
+        """Stop the queue worker (SIGSTOP) while the block runs: queued requests wait, pending."""
+        os.killpg(self.worker.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(self.worker.pid, signal.SIGCONT)
+
 
 def start_stack(processes: Processes, database_url: str, workdir: Path) -> Stack:
     """Start the services (gunicorn, one worker each) and the queue worker; wait until ready."""
@@ -62,8 +75,9 @@ def start_stack(processes: Processes, database_url: str, workdir: Path) -> Stack
                 "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
 
     urls = start_services(processes, env_for)
-    processes.start("worker", [sys.executable, "-m", "services.orchestrator.worker", "--workers", "1"], env_for(urls))
-    return Stack(urls=urls, token=token, database_url=database_url, runtime_dir=runtime_dir)
+    worker, _ = processes.start("worker", [sys.executable, "-m", "services.orchestrator.worker", "--workers", "1"],
+                                env_for(urls))
+    return Stack(urls=urls, token=token, database_url=database_url, runtime_dir=runtime_dir, worker=worker)
 
 
 def stop_runtimes(stack: Stack) -> None:
@@ -87,12 +101,13 @@ def stop_runtimes(stack: Stack) -> None:
 
 @dataclass
 class N8n:
-    """A running n8n with its own user folder and SQLite database, an API key and the webhooks' token."""
+    """A running n8n with its own user folder and SQLite database, an API key and the webhooks' token
+    (in its environment too: the async flow sends it to the orchestrator for the callback)."""
 
     url: str
     env: dict[str, str]
+    webhook_token: str
     api_key: str = ""
-    webhook_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     import_output: str = ""
 
     def import_env(self, stack: Stack) -> dict[str, str]:
@@ -176,9 +191,10 @@ def create_api_key(url: str) -> str:
 
 
 def start_n8n(processes: Processes, folder: Path, service_env: dict[str, str]) -> N8n:
-    """Start `n8n start`, set up its owner and an API key; wait until it serves."""
-    url, env = serve_n8n(processes, folder, service_env)
-    return N8n(url=url, env=env, api_key=create_api_key(url))
+    """Start `n8n start` with a webhook token of its own, set up its owner and an API key; wait until it serves."""
+    webhook_token = secrets.token_urlsafe(24)
+    url, env = serve_n8n(processes, folder, {**service_env, "N8N_WEBHOOK_TOKEN": webhook_token})
+    return N8n(url=url, env=env, api_key=create_api_key(url), webhook_token=webhook_token)
 
 
 def workflow_tool():

@@ -27,6 +27,8 @@ WORKFLOW_NAMES = {tool.load_workflow(path)["name"] for path in FILES}
 WEBHOOK_FLOWS = {"AI dispatch (step by step)", "Dispatch (one call)", "Dispatch async with callback",
                  "Model onboarding", "Feedback", "Chat through the Ollama front door"}
 NO_SUCH_REQUEST = "00000000-0000-4000-8000-000000000000"
+QUESTION = {"prompt": "What is the capital of France?", "task_type": "question-answering", "complexity": "low",
+            "max_tokens": 8, "temperature": 0}
 
 
 @dataclass
@@ -47,10 +49,11 @@ class ComposeN8n:
 
     def start(self) -> N8n:
         """Bundle, import with the CLI while n8n is stopped, start n8n; wait until its webhooks answer."""
-        self.run([sys.executable, "scripts/n8n_workflows.py", "bundle", "--output", str(self.bundle)],
-                 {**self.stack.env, "N8N_WEBHOOK_TOKEN": self.webhook_token})
-        self.run(["scripts/n8n-import-bundle", str(self.bundle)], n8n_env(self.folder, self.stack.env))
-        url, env = serve_n8n(self.processes, self.folder, self.stack.env)
+        # As in docker-compose.yml, the bundle and n8n itself get the token (the async flow reads it in n8n).
+        environ = {**self.stack.env, "N8N_WEBHOOK_TOKEN": self.webhook_token}
+        self.run([sys.executable, "scripts/n8n_workflows.py", "bundle", "--output", str(self.bundle)], environ)
+        self.run(["scripts/n8n-import-bundle", str(self.bundle)], n8n_env(self.folder, environ))
+        url, env = serve_n8n(self.processes, self.folder, environ)
         api_key = self.n8n.api_key if self.n8n else create_api_key(url)   # the key is kept in n8n's database
         self.n8n = N8n(url=url, env=env, api_key=api_key, webhook_token=self.webhook_token)
         # Webhooks of published workflows are registered a few seconds after the API answers.
@@ -121,6 +124,20 @@ def test_a_webhook_works_with_the_token_and_refuses_a_call_without(compose_n8n: 
     wrong = n8n.webhook("feedback", {"request_id": NO_SUCH_REQUEST, "score": 0.5}, timeout_s=30,
                         headers={"Authorization": f"Bearer {compose_n8n.stack.token}"})
     assert (wrong.status_code, wrong.text) == (403, "Authorization data is wrong!")
+
+
+def test_the_async_flow_is_resumed_by_the_callback_with_the_token_from_n8n_s_environment(compose_n8n: ComposeN8n):
+    n8n = compose_n8n.n8n
+    _, credential_ids = expected_state()
+    flow = n8n.api("GET", f"/workflows/{tool.n8n_id('workflow', 'Dispatch async with callback')}").json()
+    wait, = [node for node in flow["nodes"] if node["type"] == "n8n-nodes-base.wait"]
+    assert wait["credentials"] == {"httpHeaderAuth": {"id": credential_ids["Dispatcher webhooks"],
+                                                      "name": "Dispatcher webhooks"}}
+
+    response = n8n.webhook("dispatch-async", QUESTION)
+
+    assert response.status_code == 200, response.text
+    assert (response.json()["status"], response.json()["valid"]) == ("completed", True)
 
 
 def test_a_restart_imports_again_in_place_and_publishes_again(compose_n8n: ComposeN8n):

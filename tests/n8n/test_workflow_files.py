@@ -24,6 +24,8 @@ NODE_VERSIONS = {
 }
 TRIGGERS = {"n8n-nodes-base.webhook", "n8n-nodes-base.scheduleTrigger", "n8n-nodes-base.manualTrigger"}
 SECRET_KEYS = {"credentials", "apikey", "api_key", "password", "token", "secret", "authorization"}
+# The one bearer token a workflow names: the webhooks' own, read from n8n's environment.
+WEBHOOK_TOKEN_FROM_ENV = "'Bearer ' + ($env.N8N_WEBHOOK_TOKEN || '')"
 
 
 def strings(value) -> list[str]:
@@ -44,6 +46,11 @@ def keys(value) -> set[str]:
 
 def nodes_by_type(workflow: dict, node_type: str) -> list[dict]:
     return [node for node in workflow["nodes"] if node["type"] == node_type]
+
+
+def node_named(workflow: dict, name: str) -> dict:
+    node, = [node for node in workflow["nodes"] if node["name"] == name]
+    return node
 
 
 def test_the_issue_s_workflows_are_all_there():
@@ -71,7 +78,7 @@ def test_a_workflow_holds_no_credential_or_secret(name: str):
     workflow = WORKFLOWS[name]
     assert set(workflow) == {"name", "nodes", "connections", "settings"}
     assert not {key.lower() for key in keys(workflow)} & SECRET_KEYS
-    text = json.dumps(workflow)
+    text = json.dumps(workflow).replace(WEBHOOK_TOKEN_FROM_ENV, "")
     assert "Bearer" not in text and "X-N8N-API-KEY" not in text
     # Every address of a service comes from n8n's environment, with the local default as fallback.
     for value in strings(workflow):
@@ -122,6 +129,25 @@ def test_every_webhook_requires_the_header_credential():
     assert all(hook["parameters"]["authentication"] == "headerAuth" for hook in hooks)
     for workflow in WORKFLOWS.values():
         tool.check_importable(workflow)
+
+
+def test_every_wait_node_resumed_by_a_webhook_requires_the_header_credential():
+    waits = [wait for workflow in WORKFLOWS.values() for wait in nodes_by_type(workflow, "n8n-nodes-base.wait")]
+
+    assert [(wait["parameters"]["resume"], wait["parameters"]["incomingAuthentication"]) for wait in waits] == [
+        ("webhook", "headerAuth")]
+
+
+def test_the_async_flow_hands_the_orchestrator_the_token_its_resume_url_requires():
+    workflow = WORKFLOWS["dispatch_async.json"]
+    queue, = nodes_by_type(workflow, "n8n-nodes-base.httpRequest")
+
+    # The caller's body first: a caller cannot choose where, or with what, the result is sent.
+    assert queue["parameters"]["jsonBody"] == (
+        "={{ JSON.stringify({ ...$json.body, async: true, callback_url: $execution.resumeUrl, "
+        f"callback_headers: {{ Authorization: {WEBHOOK_TOKEN_FROM_ENV} }} }}) }}}}")
+    assert node_named(tool.with_credentials(workflow, IDS), "Wait for callback")["credentials"] == {
+        "httpHeaderAuth": {"id": "w1", "name": "Dispatcher webhooks"}}
 
 
 def test_webhook_flows_answer_through_a_respond_node_on_unique_paths():
@@ -212,6 +238,48 @@ def test_import_refuses_a_webhook_without_header_auth(authentication):
         tool.with_credentials(workflow, IDS)
 
 
+def wait_resumed_by(resume: str, authentication: str | None) -> dict:
+    """The async flow with its Wait node resumed this way, with this authentication (None: not set)."""
+    workflow = json.loads(json.dumps(WORKFLOWS["dispatch_async.json"]))
+    wait, = nodes_by_type(workflow, "n8n-nodes-base.wait")
+    wait["parameters"]["resume"] = resume
+    wait["parameters"].pop("incomingAuthentication")
+    if authentication:
+        wait["parameters"]["incomingAuthentication"] = authentication
+    return workflow
+
+
+@pytest.mark.parametrize("authentication", [None, "none", "basicAuth", "jwtAuth"])
+def test_import_refuses_a_wait_node_resumed_by_a_webhook_without_header_auth(authentication):
+    workflow = wait_resumed_by("webhook", authentication)
+
+    with pytest.raises(tool.ImportRefused, match="^'Dispatch async with callback': wait node 'Wait for callback' "
+                                                 "resumes on a webhook without header auth: anyone could resume it$"):
+        tool.check_importable(workflow)
+    with pytest.raises(tool.ImportRefused):
+        tool.with_credentials(workflow, IDS)
+
+
+@pytest.mark.parametrize("authentication", [None, "basicAuth"])
+def test_import_refuses_a_wait_node_resumed_by_a_form(authentication):
+    with pytest.raises(tool.ImportRefused, match="^'Dispatch async with callback': wait node 'Wait for callback' "
+                                                 "resumes on a form, which cannot require the webhook token$"):
+        tool.check_importable(wait_resumed_by("form", authentication))
+
+
+@pytest.mark.parametrize("resume", [None, "timeInterval", "specificTime"])
+def test_a_wait_node_resumed_by_time_needs_no_credential(resume):
+    workflow = wait_resumed_by("timeInterval", None)
+    wait, = nodes_by_type(workflow, "n8n-nodes-base.wait")
+    if resume is None:
+        del wait["parameters"]["resume"]   # n8n's default: after a time interval
+    else:
+        wait["parameters"]["resume"] = resume
+
+    tool.check_importable(workflow)
+    assert "credentials" not in node_named(tool.with_credentials(workflow, IDS), "Wait for callback")
+
+
 def test_import_refuses_a_credential_it_does_not_create():
     workflow = json.loads(json.dumps(WORKFLOWS["record_feedback.json"]))
     node, = nodes_by_type(workflow, "n8n-nodes-base.httpRequest")
@@ -299,6 +367,16 @@ def test_import_of_an_open_webhook_calls_n8n_not_at_all(tmp_path):
     client = RecordingN8n()
 
     with pytest.raises(tool.ImportRefused, match="^'Dispatch \\(one call\\)': webhook 'Webhook' does not use"):
+        tool.import_workflows(client, [*FILES, tmp_path / "open.json"], ENVIRON)
+
+    assert client.calls == []
+
+
+def test_import_of_an_open_resume_url_calls_n8n_not_at_all(tmp_path):
+    (tmp_path / "open.json").write_text(json.dumps(wait_resumed_by("webhook", "none")))
+    client = RecordingN8n()
+
+    with pytest.raises(tool.ImportRefused, match="^'Dispatch async with callback': wait node 'Wait for callback'"):
         tool.import_workflows(client, [*FILES, tmp_path / "open.json"], ENVIRON)
 
     assert client.calls == []
@@ -411,4 +489,16 @@ def test_the_bundle_command_writes_nothing_for_an_open_webhook(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
         "n8n_workflows.py: error: 'Dispatch (one call)': webhook 'Webhook' does not use header auth: anyone could call it")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_the_bundle_command_writes_nothing_for_an_open_resume_url(tmp_path):
+    (tmp_path / "open.json").write_text(json.dumps(wait_resumed_by("webhook", None)))
+
+    result = run_bundle(tmp_path / "bundle", ENVIRON, str(tmp_path / "open.json"))
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "n8n_workflows.py: error: 'Dispatch async with callback': wait node 'Wait for callback' resumes on a webhook"
+        " without header auth: anyone could resume it")
     assert not (tmp_path / "bundle").exists()

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from unittest.mock import ANY
 
 import pytest
+import requests
 
 from n8n_stack import ROOT, N8n, Stack, run_script
 from service_processes import wait_until
@@ -22,8 +24,9 @@ WEBHOOK_PATHS = {"ai-dispatch": "AI dispatch (step by step)", "dispatch": "Dispa
 WEBHOOK_FLOWS = set(WEBHOOK_PATHS.values())
 CREDENTIALS = [("httpHeaderAuth", "Dispatcher API"), ("httpHeaderAuth", "Dispatcher webhooks"),
                ("ollamaApi", "Dispatcher Ollama front door")]
-# The credential each kind of node authenticates with: a webhook's is not the services' token.
-CREDENTIAL_OF_NODE = {"n8n-nodes-base.webhook": "Dispatcher webhooks", "n8n-nodes-base.httpRequest": "Dispatcher API",
+# The credential each kind of node authenticates with: a webhook's (and a resume URL's) is not the services' token.
+CREDENTIAL_OF_NODE = {"n8n-nodes-base.webhook": "Dispatcher webhooks", "n8n-nodes-base.wait": "Dispatcher webhooks",
+                      "n8n-nodes-base.httpRequest": "Dispatcher API",
                       "@n8n/n8n-nodes-langchain.lmChatOllama": "Dispatcher Ollama front door"}
 SCHEDULE_FLOWS = {"Optimization schedule", "Idle cleanup and scaling"}
 SMOLLM2 = {"id": ANY, "name": "smollm2", "version": "135m-instruct-q4_1"}
@@ -259,6 +262,55 @@ def test_async_dispatch_waits_for_the_callback_and_answers(n8n: N8n, stack_db):
     row = request_row(stack_db, body["request_id"])
     assert (row["status"], row["mode"]) == ("completed", "async")
     assert re.fullmatch(rf"{n8n.url}/webhook-waiting/\d+", row["callback_url"])
+    # The token the callback carried is not kept once the request has ended, nor was it in the payload.
+    assert row["callback_headers"] is None and "callback_headers" not in row["request_payload"]
+
+
+def newest_execution_id(n8n: N8n) -> int:
+    """The highest id of the executions n8n lists (it leaves out those still holding a caller's request)."""
+    listed = n8n.api("GET", "/executions", params={"limit": 1}).json()["data"]
+    return int(listed[0]["id"]) if listed else 0
+
+
+def waiting_execution_after(n8n: N8n, workflow_name: str, newest: int) -> dict | None:
+    """The workflow's execution waiting in a Wait node, found as anyone could: ids are sequential."""
+    workflow_id = n8n.workflow_id(workflow_name)
+    for execution_id in range(newest + 1, newest + 10):
+        found = n8n.api("GET", f"/executions/{execution_id}")
+        if found.status_code == 200 and (found.json()["workflowId"], found.json()["status"]) == (workflow_id, "waiting"):
+            return found.json()
+    return None
+
+
+def test_the_async_flow_s_resume_url_refuses_a_forged_callback(n8n: N8n, stack: Stack, stack_db):
+    """Its execution id is sequential and the URL unsigned: only the webhook token lets a call resume it."""
+    with ThreadPoolExecutor(1) as caller:
+        with stack.worker_paused():   # the request stays queued, so the flow stays waiting
+            newest = newest_execution_id(n8n)
+            answer = caller.submit(n8n.webhook, "dispatch-async", QUESTION)
+            execution = wait_until(lambda: waiting_execution_after(n8n, "Dispatch async with callback", newest),
+                                   "a waiting flow", timeout_s=60)
+            resume_url = f"{n8n.url}/webhook-waiting/{execution['id']}"
+            row = stack_db.execute("SELECT * FROM request_queue WHERE callback_url = %s", (resume_url,)).fetchone()
+            assert row["status"] == "pending"
+            assert row["callback_headers"] == {"Authorization": f"Bearer {n8n.webhook_token}"}
+            forged = {"request_id": str(row["id"]), "status": "completed", "response": "forged", "raw": "forged"}
+
+            for wrong, headers in WRONG_HEADERS.items():
+                refused = requests.post(resume_url, json=forged, headers=headers(n8n, stack), timeout=30)
+                assert (refused.status_code, refused.text) == (403, "Authorization data is wrong!"), wrong
+
+            assert n8n.api("GET", f"/executions/{execution['id']}").json()["status"] == "waiting"
+            assert not answer.done()
+        response = answer.result(timeout=300)   # the worker runs the request and calls back with the token
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["request_id"], body["status"], body["valid"]) == (str(row["id"]), "completed", True)
+    assert body["raw"] != "forged"
+    assert_short_real_answer(body["raw"])
+    wait_until(lambda: n8n.api("GET", f"/executions/{execution['id']}").json()["status"] == "success",
+               "the resumed execution's end", timeout_s=30)
 
 
 def test_async_dispatch_answers_a_failed_request_as_a_problem(n8n: N8n, stack_db):
