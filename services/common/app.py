@@ -121,7 +121,7 @@ def create_service_app(service: str, title: str, blueprints: Iterable[Blueprint]
 
 def _assign_request_id() -> None:
     supplied = request.headers.get("X-Request-ID", "")
-    g.request_id = supplied if _REQUEST_ID.match(supplied) else str(uuid.uuid4())
+    g.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else str(uuid.uuid4())
 
 
 def _echo_request_id(response: Response) -> Response:

@@ -36,7 +36,7 @@ def sql_files(directory: Path) -> list[Path]:
     """The numbered `.sql` files of a folder, in order; a misnamed file is an error."""
     files = sorted(directory.glob("*.sql"))
     for path in files:
-        if not _FILE_NAME.match(path.name):
+        if not _FILE_NAME.fullmatch(path.name):
             raise ValueError(f"{path.name}: migration and seed files are named NNNN_snake_case.sql")
     return files
 

@@ -5,6 +5,7 @@ import re
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from services.common.validation import WholeMatch
 from services.common.vocabulary import OUTPUT_FORMATS, TASK_TYPES
 from services.orchestrator.schemas import MessageSchema
 from services.prompt_builder.formats import json_schema_problem
@@ -69,7 +70,7 @@ class RequirementsSchema(Schema):
     max_memory_mb = fields.Integer(validate=validate.Range(1, 10_000_000))
     max_latency_ms = fields.Integer(validate=validate.Range(1, 3_600_000))
     weights = fields.Nested(WeightsSchema)
-    required_tags = fields.List(fields.String(validate=validate.Regexp(TAG)), validate=validate.Length(max=20))
+    required_tags = fields.List(fields.String(validate=WholeMatch(TAG)), validate=validate.Length(max=20))
     exclude = fields.List(fields.String(validate=validate.Length(1, 130)), validate=validate.Length(max=100))
     prefer_warm = fields.Boolean()
 
@@ -96,7 +97,7 @@ class DispatchSchema(Schema):
     requirements = fields.Nested(RequirementsSchema, load_default=dict)
     max_retries = fields.Integer(load_default=2, validate=validate.Range(0, 5))
     timeout_s = fields.Float(load_default=120.0, validate=validate.Range(1, 600))
-    model = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(MODEL_REF),
+    model = fields.String(load_default=None, allow_none=True, validate=WholeMatch(MODEL_REF),
                           metadata={"description": "Pin one model (name or name:version) instead of selecting"})
     run_async = fields.Boolean(data_key="async", load_default=False)
     callback_url = fields.Url(load_default=None, allow_none=True, schemes={"http", "https"},

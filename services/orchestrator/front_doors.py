@@ -419,7 +419,7 @@ def _now() -> str:
 
 
 def _is_model_ref(value: str) -> bool:
-    return re.match(MODEL_REF, value) is not None
+    return re.fullmatch(MODEL_REF, value) is not None
 
 
 @blp.after_request

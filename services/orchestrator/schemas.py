@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from services.common.validation import WholeMatch
 from services.orchestrator.runtimes import DRIVERS
 
 STATUSES = ("starting", "running", "draining", "stopping", "stopped", "error")
@@ -119,7 +120,7 @@ class GenerateSchema(Schema):
     """One generation: a model by id or "name[:version]", and a prompt or chat messages."""
 
     model_id = fields.UUID()
-    model = fields.String(validate=validate.Regexp(MODEL_REF))
+    model = fields.String(validate=WholeMatch(MODEL_REF))
     prompt = fields.String(validate=validate.Length(1, MAX_TEXT_CHARS))
     messages = fields.List(fields.Nested(MessageSchema), validate=validate.Length(1, 200))
     options = fields.Nested(OptionsSchema, load_default=dict)

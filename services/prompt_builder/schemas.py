@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from services.common.validation import WholeMatch
 from services.prompt_builder import formats, templates
 
 MAX_TEMPLATE_CHARS = 20_000
@@ -67,7 +68,7 @@ class TemplatePageSchema(Schema):
 
 class TemplateQuerySchema(Schema):
     task_type = fields.String(validate=validate.OneOf(templates.TEMPLATE_TASK_TYPES))
-    model_family = fields.String(validate=validate.Regexp(templates.FAMILY_PATTERN))
+    model_family = fields.String(validate=WholeMatch(templates.FAMILY_PATTERN))
     active = fields.Boolean()
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=MAX_PAGE_SIZE))
     offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1_000_000))
@@ -76,7 +77,7 @@ class TemplateQuerySchema(Schema):
 class TemplateCreateSchema(Schema):
     task_type = fields.String(required=True, validate=validate.OneOf(templates.TEMPLATE_TASK_TYPES))
     model_family = fields.String(load_default=templates.DEFAULT,
-                                 validate=validate.Regexp(templates.FAMILY_PATTERN))
+                                 validate=WholeMatch(templates.FAMILY_PATTERN))
     system_template = _system_template(load_default="")
     user_template = _user_template(required=True)
     description = fields.String(load_default="", validate=validate.Length(max=MAX_DESCRIPTION_CHARS))
@@ -103,7 +104,7 @@ VariablesSchema = Schema.from_dict({name: fields.String() for name in templates.
 class BuildRequestSchema(Schema):
     prompt = fields.String(required=True, validate=validate.Length(min=1))
     task_type = fields.String(required=True, validate=validate.OneOf(templates.TASK_TYPES))
-    model = fields.String(required=True, validate=validate.Regexp(templates.MODEL_PATTERN),
+    model = fields.String(required=True, validate=WholeMatch(templates.MODEL_PATTERN),
                           metadata={"example": "llama2:13b"})
     protocol = fields.String(load_default="openai", validate=validate.OneOf(formats.PROTOCOLS))
     output_format = fields.String(load_default="text", validate=validate.OneOf(formats.FORMATS))

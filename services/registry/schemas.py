@@ -8,6 +8,7 @@ import uuid
 from marshmallow import (RAISE, Schema, ValidationError, fields, missing, post_load, validate,
                          validates_schema)
 
+from services.common.validation import WholeMatch
 from services.common.vocabulary import PROTOCOLS, RUNTIME_DRIVERS, TASK_TYPES
 from services.registry.selection import COMPLEXITY_LEVELS, OBJECTIVES, SelectionRequest
 
@@ -17,7 +18,7 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 MODEL_REF = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}:[a-z0-9][a-z0-9._-]{0,62}$")
 MAX_PAGE_SIZE = 200
 
-_name = validate.Regexp(NAME_PATTERN, error="Must match {regex}.")
+_name = WholeMatch(NAME_PATTERN, error="Must match {regex}.")
 
 
 def _unique(values: list) -> None:
@@ -32,7 +33,7 @@ def _absolute_path(value: str) -> None:
 
 def _model_ref(value: str) -> None:
     """An exclude entry: a model id or `name:version`."""
-    if MODEL_REF.match(value):
+    if MODEL_REF.fullmatch(value):
         return
     try:
         uuid.UUID(value)
@@ -69,8 +70,8 @@ class ProcessConfigSchema(_RuntimeOptions):
     """A model file the process driver serves: a path, or a file inside a Python package."""
 
     model_path = fields.String(validate=[validate.Length(max=4096), _absolute_path])
-    model_package = fields.String(validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"))
-    model_file = fields.String(validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"))
+    model_package = fields.String(validate=WholeMatch(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"))
+    model_file = fields.String(validate=WholeMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"))
     assemble = fields.Boolean()
     server = fields.String(validate=_name, metadata={"description": "Which server command runs the model"})
 
@@ -101,16 +102,16 @@ class DockerConfigSchema(_RuntimeOptions):
     """An image and the model its server loads: an Ollama image pulls `model_name` (`name:tag`);
     an image with its own `command` (e.g. llama.cpp's server) serves the model it was built with."""
 
-    image = fields.String(required=True, validate=validate.Regexp(
+    image = fields.String(required=True, validate=WholeMatch(
         r"^[a-z0-9][a-z0-9._/-]{0,199}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$"))
-    model_name = fields.String(validate=validate.Regexp(
+    model_name = fields.String(validate=WholeMatch(
         r"^[a-z0-9][a-z0-9._/-]{0,126}(:[a-z0-9][a-z0-9._-]{0,62})?$"))
     pull = fields.Boolean(metadata={"description": "Pull the model through the server's API at start"})
     # A server must be reachable: on the host's loopback, or through Docker's networking.
     network_mode = fields.String(validate=validate.OneOf(("host", "bridge")))
     container_port = fields.Integer(strict=True, validate=validate.Range(1, 65535))
     command = fields.List(_docker_value(1000), validate=validate.Length(1, 64))
-    environment = fields.Dict(keys=fields.String(validate=validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")),
+    environment = fields.Dict(keys=fields.String(validate=WholeMatch(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")),
                               values=_docker_value(4000), validate=validate.Length(max=64))
 
     @validates_schema(skip_on_field_errors=False)
@@ -123,7 +124,7 @@ class ExternalConfigSchema(_RuntimeOptions):
     """A model server someone else runs."""
 
     endpoint = _http_url(required=True)
-    model_name = fields.String(validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,199}$"))
+    model_name = fields.String(validate=WholeMatch(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,199}$"))
 
 
 RUNTIME_CONFIG_SCHEMAS = {"process": ProcessConfigSchema, "docker": DockerConfigSchema,

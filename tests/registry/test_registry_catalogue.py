@@ -92,6 +92,7 @@ def test_a_path_that_is_not_a_uuid_is_404(client):
      {"accuracy": ["Must be greater than or equal to 0 and less than or equal to 1."]}),
     ("performance_metrics", {"speed": 1}, {"speed": ["Unknown field."]}),
     ("tags", ["Bad Tag"], {"0": [NAME_RULE]}),
+    ("tags", ["tag\n"], {"0": [NAME_RULE]}),
     ("tags", ["a", "a"], ["Items must be unique."]),
     ("tags", [f"t{i}" for i in range(33)], ["Longer than maximum length 32."]),
     ("active", "maybe", ["Not a valid boolean."]),

@@ -74,7 +74,7 @@ def resolve_model_file(config: dict, models_dir: str) -> str:
     package, file_name = config.get("model_package"), config.get("model_file")
     if not package or not file_name:
         raise RuntimeStartError("runtime_config needs 'model_path', or 'model_package' and 'model_file'")
-    if not _PACKAGE_NAME.match(str(package)) or Path(str(file_name)).name != file_name:
+    if not _PACKAGE_NAME.fullmatch(str(package)) or Path(str(file_name)).name != file_name:
         raise RuntimeStartError(f"invalid model_package {package!r} or model_file {file_name!r}")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
