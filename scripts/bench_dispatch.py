@@ -14,7 +14,7 @@ kept-alive connections. Every process shares this machine's cores with Postgres 
 generator, so the figures bound the overhead from above; they are not a production measurement.
 LiteLLM lives in a venv of its own (--litellm-venv, created and installed on first use).
 
-Usage: python scripts/bench_dispatch.py [--requests 500] [--concurrency 32] [--jobs 5000]
+Usage: python scripts/bench_dispatch.py [--requests 500] [--concurrency 32] [--rounds 3] [--jobs 5000]
        [--web-workers 2] [--web-threads 8] [--queue-workers 8] [--litellm-venv PATH]
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -354,21 +355,30 @@ class Row:
 
 def measure_paths(targets: list[Target], direct: Target, loaded: set[str], args: argparse.Namespace) -> dict[str, Row]:
     """Sequential latency of every path (added: minus `direct`, for paths through a server of ours or
-    LiteLLM's) and throughput of those in `loaded`; printed as measured."""
-    print(f"\nSequential: {args.requests} requests per path after {WARMUP} warm-up. Throughput: "
-          f"{args.concurrency} concurrent clients, {args.load_requests} requests.")
-    print(f"{'path':<46} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'req/s':>8}")
+    LiteLLM's), then throughput of those in `loaded`: --rounds rounds taking the paths in turn, so a
+    drift in the machine's background load falls on all of them; the median round counts."""
+    print(f"\nSequential: {args.requests} requests per path after {WARMUP} warm-up.")
+    print(f"{'path':<46} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8}")
     rows: dict[str, Row] = {}
     for target in targets:
         samples = asyncio.run(sequential(target, args.requests))
         row = rows[target.label] = Row(target.label, percentile(samples, 0.5), percentile(samples, 0.99))
-        if target.label in loaded:
-            row.rate = asyncio.run(throughput(target, args.concurrency, args.load_requests))
         base = rows.get(direct.label)
         added = f"{row.p50 - base.p50:8.2f} {row.p99 - base.p99:8.2f}" if base and row is not base \
             else f"{'':>8} {'':>8}"
-        rate = f"{row.rate:8.0f}" if row.rate is not None else f"{'':>8}"
-        print(f"{target.label:<46} {row.p50:8.2f} {row.p99:8.2f} {added} {rate}", flush=True)
+        print(f"{target.label:<46} {row.p50:8.2f} {row.p99:8.2f} {added}", flush=True)
+
+    print(f"\nThroughput: {args.concurrency} concurrent clients, {args.load_requests} requests per run, "
+          f"{args.rounds} rounds over the paths in turn.")
+    print(f"{'path':<46} {'median':>8} {'runs (req/s)':>30}")
+    runs: dict[str, list[float]] = {target.label: [] for target in targets if target.label in loaded}
+    for _ in range(args.rounds):
+        for target in targets:
+            if target.label in runs:
+                runs[target.label].append(asyncio.run(throughput(target, args.concurrency, args.load_requests)))
+    for label, rates in runs.items():
+        rows[label].rate = statistics.median(rates)
+        print(f"{label:<46} {rows[label].rate:8.0f} {', '.join(f'{rate:.0f}' for rate in rates):>30}")
     return rows
 
 
@@ -377,6 +387,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=500, help="sequential requests per path")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--load-requests", type=int, default=3000, help="requests per throughput run")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput runs per path, taken in turn")
     parser.add_argument("--jobs", type=int, default=5000, help="async requests for the queue run")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn workers (and LiteLLM's)")
     parser.add_argument("--web-threads", type=int, default=8)
