@@ -140,3 +140,18 @@ def test_the_memory_limit_is_applied(db, conn, smollm2, settings):
     else:
         assert failed["error_message"].endswith(
             "[killed for going over its memory limit: 1 OOM kill(s) in its cgroup]\n")
+
+
+def test_gemma3_is_assembled_from_its_parts_once_then_served(db, conn, settings):
+    gemma3 = queries.find_model(conn, "gemma3", None)
+    assembled = Path(settings.models_dir) / gemma3["runtime_config"]["model_file"]
+    assert not assembled.exists()
+
+    runtime = lifecycle.ensure_runtime(db, gemma3["id"], settings)
+
+    assert (runtime["status"], runtime["health_status"]) == ("running", "healthy")
+    assert assembled.stat().st_size > 200_000_000         # the 253 MB GGUF, written into MODELS_DIR
+    assert_real_answer(client_for(gemma3, runtime["endpoint"]).generate("The capital of France is",
+                                                                         options=OPTIONS).as_dict())
+    lifecycle.stop_runtime(db, runtime["id"], settings)
+    assert process_start_time(runtime["pid"]) is None
