@@ -163,7 +163,10 @@ class Target:
 
 
 async def _call(connection: Connection, target: Target, payload: bytes) -> None:
-    status, answer = await connection.request(target.method, target.path, payload)
+    try:
+        status, answer = await connection.request(target.method, target.path, payload)
+    except (OSError, asyncio.IncompleteReadError) as error:
+        raise RuntimeError(f"{target.label}: the connection failed ({error!r})") from error
     if status != target.expect:
         raise RuntimeError(f"{target.label} answered {status}: {answer[:300]!r}")
 

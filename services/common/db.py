@@ -11,6 +11,12 @@ from flask import current_app
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+# A CTE for statements that write transient state (a lease, a runtime's busy count): their commit
+# does not wait for the WAL to reach the disk (`synchronous_commit` off for that transaction only).
+# Only a crash of Postgres itself can lose such a commit, and lease expiry repairs what it held;
+# the next durable commit flushes it anyway. The statement must read from `unflushed` for it to run.
+UNFLUSHED = "unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))"
+
 
 class Database(Protocol):
     """What services need from the database: a connection in a transaction.

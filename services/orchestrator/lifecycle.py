@@ -85,21 +85,22 @@ def acquire_runtime(db: Database, runtime_id: str, holder: Holder | None = None)
 
 
 def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: Holder | None = None, *,
-                    performance: dict | None = None) -> dict | None:
+                    performance: dict | None = None, result: dict | None = None) -> dict | None:
     """Count a request as finished; a model with keep-alive 0 stops as soon as it is idle.
 
     `performance`, the attempt's performance_logs row, is written by the same statement; if it
     cannot be written, the runtime is released all the same (a lost log row must not keep it busy).
+    With a `result`, the holder's request is completed by that statement too (row["completed"]).
     """
     try:
         with db.connection(autocommit=True) as conn:
-            row = queries.release(conn, runtime_id, holder, performance)
+            row = queries.release(conn, runtime_id, holder, performance, result)
     except Exception:  # whatever kept the row out, the release itself must happen
         if performance is None:
             raise
         logger.exception("could not log a performance row", extra={"runtime_id": str(runtime_id)})
         with db.connection(autocommit=True) as conn:
-            row = queries.release(conn, runtime_id, holder)
+            row = queries.release(conn, runtime_id, holder, result=result)
     if row and row["keep_alive_seconds"] == 0 and row["active_requests"] == 0 and row["status"] == "running":
         _stop_if_idle(db, runtime_id, settings)
     return row

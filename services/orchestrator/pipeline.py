@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -116,6 +116,8 @@ class Outcome:
     ensure_ms: float = 0.0
     cold_start: bool = False
     load_time_ms: int | None = None      # the server's own load time, on the attempt that started it
+    result: dict | None = None           # the answer, on the attempt that gave it
+    recorded: bool = False               # whether the statement releasing its runtime completed the request
 
 
 class DispatchFailed(Problem):
@@ -139,8 +141,8 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
     queue_wait_ms = max(0.0, (row["started_at"] - row["created_at"]).total_seconds() * 1000)
     try:
         with lease_kept_alive(db, settings, request_id, owner):
-            result = dispatch(db, settings, request_id, DispatchRequest.from_payload(row["request_payload"]),
-                              queue_wait_ms=queue_wait_ms, holder=Holder(request_id, owner))
+            answered = dispatch(db, settings, request_id, DispatchRequest.from_payload(row["request_payload"]),
+                                queue_wait_ms=queue_wait_ms, holder=Holder(request_id, owner))
     except Exception as error:
         details = _error_details(error)
         with db.connection(autocommit=True) as conn:
@@ -150,13 +152,11 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
         if raise_problem or not isinstance(error, Problem):
             raise
         return None
-    with db.connection(autocommit=True) as conn:
-        recorded = request_queue.complete(conn, request_id, owner=owner, result=result)
-    if recorded:
-        _call_back(row, result)
+    if answered.recorded:
+        _call_back(row, answered.result)
     else:
         logger.warning("lease lost before completion; result dropped", extra={"dispatch_id": request_id})
-    return result
+    return answered.result
 
 
 class LeaseRenewer:
@@ -260,14 +260,20 @@ def _callback_session():
 
 
 def dispatch(db: Database, settings: Settings, request_id: str, request: DispatchRequest, *,
-             queue_wait_ms: float = 0.0, holder: Holder | None = None) -> dict:
-    """Run one request to a validated answer; raise DispatchFailed when every attempt fails.
+             queue_wait_ms: float = 0.0, holder: Holder | None = None) -> Outcome:
+    """Run one request to a validated answer (`result` of the outcome); raise DispatchFailed when
+    every attempt fails.
 
-    With a `holder`, each attempt notes its model and runtime on the queued request (feedback needs them).
+    With a `holder`, each attempt notes its model and runtime on the queued request (feedback needs
+    them), and the statement releasing the answering attempt's runtime completes the request.
     """
     started = time.perf_counter()
     selection = _select(db, settings, request)
     selection_ms = _ms_since(started)
+
+    def answer(outcome: Outcome) -> dict:
+        return _answer(request_id, request, selection, outcome, attempts, selection_ms=selection_ms,
+                       total_ms=_ms_since(started), queue_wait_ms=queue_wait_ms)
 
     candidates = selection.candidates
     attempts: list[Attempt] = []
@@ -278,10 +284,9 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
                           model_id=str(candidate.model["id"]), repair=repair_of is not None)
         attempts.append(attempt)
         outcome = run_attempt(db, settings, request_id, request, candidate, attempt,
-                              repair_of=repair_of, queue_wait_ms=queue_wait_ms, holder=holder)
+                              repair_of=repair_of, queue_wait_ms=queue_wait_ms, holder=holder, answer=answer)
         if attempt.outcome == "ok":
-            return _answer(request_id, request, selection, outcome, attempts,
-                           selection_ms=selection_ms, total_ms=_ms_since(started), queue_wait_ms=queue_wait_ms)
+            return outcome
         if attempt.outcome == "invalid_output" and repair_of is None:
             repair_of = outcome       # same model, once, with what was wrong
             continue
@@ -427,8 +432,12 @@ def pinned_selection(db: Database, request: DispatchRequest) -> Selection:
 
 def run_attempt(db: Database, settings: Settings, request_id: str, request: DispatchRequest,
                 candidate: Candidate, attempt: Attempt, *, repair_of: Outcome | None,
-                queue_wait_ms: float, holder: Holder | None = None) -> Outcome:
-    """One model, one runtime, one generation, checked; logged by the statement that releases the runtime."""
+                queue_wait_ms: float, holder: Holder | None = None,
+                answer: Callable[[Outcome], dict] | None = None) -> Outcome:
+    """One model, one runtime, one generation, checked; logged by the statement that releases the runtime.
+
+    When it succeeds, `answer` makes the result, which that statement records as the request's end.
+    """
     model = candidate.model
     outcome = Outcome(attempt=attempt)
     started, started_at = time.perf_counter(), datetime.now(timezone.utc)
@@ -451,8 +460,12 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
         _generate(outcome, model, runtime, request, repair_of)
         attempt.duration_ms = _ms_since(started)
         performance = _performance_row(request_id, request, outcome, queue_wait_ms)
+        if attempt.outcome == "ok" and answer is not None:
+            outcome.result = answer(outcome)
     finally:
-        release_runtime(db, runtime["id"], settings, holder, performance=performance)
+        released = release_runtime(db, runtime["id"], settings, holder, performance=performance,
+                                   result=outcome.result)
+    outcome.recorded = bool(released and released["completed"])
     return outcome
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import psycopg
 from psycopg.types.json import Jsonb
 
+from services.common.db import UNFLUSHED
 from services.optimizer.queries import INSERT_PERFORMANCE, performance_rows
 from services.orchestrator.request_queue import Holder
 
@@ -281,16 +282,19 @@ def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder
     """The runtime `target` selects, counted busy; with a holder, only while its request's lease is
     held, and noted on the request in the same statement (which locks the request first, then the
     runtime: the order reclaiming an expired lease takes them in too)."""
+    # Unflushed: a busy count lost in a crash of Postgres went with the request that held it.
     def acquired(condition: str = "") -> str:
         return f"""
         UPDATE container_lifecycle
         SET active_requests = active_requests + 1, total_requests = total_requests + 1, last_activity = now()
+        FROM unflushed
         WHERE id = {target} AND status = 'running' {condition}
-        RETURNING *"""
+        RETURNING container_lifecycle.*"""
     if holder is None:
-        return _one(conn, acquired(), params)
+        return _one(conn, f"WITH {UNFLUSHED} {acquired()}", params)
     return _one(conn, f"""
-        WITH held AS (SELECT id FROM request_queue
+        WITH {UNFLUSHED},
+             held AS (SELECT id FROM request_queue
                       WHERE id = %(request_id)s AND lease_owner = %(owner)s AND status = 'processing'
                       FOR UPDATE),
              acquired AS ({acquired("AND EXISTS (SELECT 1 FROM held)")}),
@@ -302,21 +306,29 @@ def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder
 
 
 def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = None,
-            performance: dict | None = None) -> dict | None:
+            performance: dict | None = None, result: dict | None = None) -> dict | None:
     """Count a request as finished; also says the model's keep-alive (0 stops at once).
 
     With a holder, the count drops only if its request still holds the runtime under the holder's
-    lease: a request whose lease was reclaimed meanwhile has already given it back. `performance` is a performance_logs
-    row written by the same statement.
+    lease: a request whose lease was reclaimed meanwhile has already given it back. `performance`
+    is a performance_logs row written by the same statement; with a `result`, the same statement
+    also completes the request (`completed` says whether it did: only while the lease is held).
     """
     params: dict = {"id": runtime_id}
-    steps, drop = [], "1"
+    steps, drop, completed = [], "1", "false"
     if holder is not None:
         # The lease owner too: after a reclaim, the request may hold this runtime for another worker.
-        steps.append("""freed AS (UPDATE request_queue SET holds_runtime = false
-                                  WHERE id = %(request_id)s AND lease_owner = %(owner)s AND holds_runtime
-                                    AND assigned_runtime_id = %(id)s
-                                  RETURNING id)""")
+        sets, condition = "holds_runtime = false", ""
+        if result is not None:
+            sets += """, status = 'completed', result = %(result)s, completed_at = now(),
+                       lease_expires_at = NULL, callback_headers = NULL"""
+            condition = "AND status = 'processing'"
+            params["result"] = Jsonb(result)
+            completed = "EXISTS (SELECT 1 FROM freed)"
+        steps.append(f"""freed AS (UPDATE request_queue SET {sets}
+                                   WHERE id = %(request_id)s AND lease_owner = %(owner)s AND holds_runtime
+                                     AND assigned_runtime_id = %(id)s {condition}
+                                   RETURNING id)""")
         params.update(request_id=holder.request_id, owner=holder.owner)
         drop = "(SELECT count(*) FROM freed)"
     if performance is not None:
@@ -328,7 +340,7 @@ def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = N
         SET active_requests = greatest(r.active_requests - {drop}, 0), last_activity = now()
         FROM model_registry m
         WHERE r.id = %(id)s AND m.id = r.model_id
-        RETURNING r.id, r.model_id, r.active_requests, r.status, m.keep_alive_seconds
+        RETURNING r.id, r.model_id, r.active_requests, r.status, m.keep_alive_seconds, {completed} AS completed
     """, params)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.types.json import Jsonb
 
+from services.common.db import UNFLUSHED
 from services.common.errors import Conflict
 
 # Workers LISTEN on this channel; an async enqueue NOTIFYs it when its transaction commits.
@@ -56,11 +57,13 @@ def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_ty
               "callback_url": callback_url,
               "callback_headers": None if callback_headers is None else Jsonb(callback_headers)}
     if mode == "sync":
+        # Unflushed: its caller is waiting, and the durable commit that ends it flushes it too.
         return conn.execute(
-            "INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status, attempts,"
-            " lease_owner, lease_expires_at, started_at, callback_url, callback_headers)"
-            " VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'sync', 'processing', 1, %(owner)s,"
-            " now() + make_interval(secs => %(lease)s), now(), %(callback_url)s, %(callback_headers)s)" + RETURNING,
+            f"WITH {UNFLUSHED} INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status,"
+            " attempts, lease_owner, lease_expires_at, started_at, callback_url, callback_headers)"
+            " SELECT %(id)s, %(payload)s, %(task_type)s, %(priority)s, 'sync', 'processing', 1, %(owner)s,"
+            " now() + make_interval(secs => %(lease)s), now(), %(callback_url)s, %(callback_headers)s"
+            " FROM unflushed" + RETURNING,
             {**params, "owner": lease_owner, "lease": lease_seconds},
         ).fetchone()
     # One statement, so the NOTIFY is delivered when the row is committed, even in autocommit.
@@ -75,9 +78,11 @@ def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_ty
 
 def claim_next(conn: psycopg.Connection, *, owner: str, lease_seconds: float) -> dict | None:
     """Lease the next pending request (highest priority, then oldest); None when the queue is empty."""
+    # Unflushed: a claim lost in a crash of Postgres leaves the request pending, to be claimed again.
     return conn.execute(
-        "UPDATE request_queue SET status = 'processing', attempts = attempts + 1, lease_owner = %(owner)s,"
-        " lease_expires_at = now() + make_interval(secs => %(lease)s), started_at = now()"
+        f"WITH {UNFLUSHED} UPDATE request_queue SET status = 'processing', attempts = attempts + 1,"
+        " lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(lease)s), started_at = now()"
+        " FROM unflushed"
         " WHERE id = (SELECT id FROM request_queue WHERE status = 'pending'"
         "             ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)" + RETURNING,
         {"owner": owner, "lease": lease_seconds},
@@ -95,8 +100,8 @@ def lease_held(conn: psycopg.Connection, holder: Holder) -> bool:
 def renew_leases(conn: psycopg.Connection, leases: list[tuple[str, str]], *, lease_seconds: float) -> list:
     """Extend the leases (request id, owner) their owners still hold; the ids of those renewed."""
     rows = conn.execute(
-        "UPDATE request_queue SET lease_expires_at = now() + make_interval(secs => %s)"
-        " WHERE status = 'processing' AND (id, lease_owner) IN"
+        f"WITH {UNFLUSHED} UPDATE request_queue SET lease_expires_at = now() + make_interval(secs => %s)"
+        " FROM unflushed WHERE status = 'processing' AND (id, lease_owner) IN"
         "  (SELECT * FROM unnest(%s::uuid[], %s::text[]))"
         " RETURNING id",
         (lease_seconds, [request_id for request_id, _ in leases], [owner for _, owner in leases]),
