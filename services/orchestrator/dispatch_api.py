@@ -12,7 +12,7 @@ from services.common.app import current_settings
 from services.common.db import get_db
 from services.common.errors import Conflict, NotFound
 from services.orchestrator import request_queue
-from services.orchestrator.pipeline import run_queued_request
+from services.orchestrator.pipeline import run_sync_request
 from services.orchestrator.dispatch_schemas import (AcceptedSchema, DispatchResultSchema, DispatchSchema,
                                                     FeedbackOutSchema, FeedbackSchema, RequestStatusSchema)
 
@@ -41,8 +41,7 @@ class Dispatch(MethodView):
             accepted = jsonify(AcceptedSchema().dump(
                 {"request_id": request_id, "status": "pending", "status_url": status_url}))
             return accepted, 202, {"Location": status_url}
-        row = enqueue_sync(request_id, body, callback_headers)
-        return run_queued_request(db, current_settings(), row, owner=row["lease_owner"], raise_problem=True)
+        return run_sync_request(db, current_settings(), request_id, body, callback_headers=callback_headers)
 
 
 @blp.route("/requests/<uuid:request_id>", endpoint="RequestStatus")
@@ -93,10 +92,10 @@ def dispatch_request_id() -> str:
     return request_id
 
 
-def enqueue_sync(request_id: str, payload: dict, callback_headers: dict | None = None) -> dict:
-    """Record a request this thread runs now: already processing, leased to it."""
+def enqueue_sync(request_id: str, payload: dict) -> dict:
+    """Record a request this thread runs now (a stream): already processing, leased to it."""
     with get_db().connection(autocommit=True) as conn:
         return request_queue.enqueue(conn, request_id=request_id, payload=payload, task_type=payload["task_type"],
                                      priority=payload["priority"], mode="sync", callback_url=payload["callback_url"],
-                                     callback_headers=callback_headers, lease_owner=request_queue.lease_owner(),
+                                     lease_owner=request_queue.lease_owner(),
                                      lease_seconds=current_settings().queue_lease_s)

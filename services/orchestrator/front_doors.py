@@ -28,7 +28,7 @@ from services.common.errors import PROBLEM_CONTENT_TYPE, Unprocessable
 from services.orchestrator import queries
 from services.orchestrator.dispatch_api import dispatch_request_id, enqueue_sync
 from services.orchestrator.dispatch_schemas import MODEL_REF, TASK_TYPES, Complexity, MessageSchema
-from services.orchestrator.pipeline import run_queued_request, stream_dispatch
+from services.orchestrator.pipeline import run_sync_request, stream_dispatch
 from services.orchestrator.schemas import MAX_TEXT_CHARS
 from services.prompt_builder.formats import json_schema_problem
 
@@ -265,8 +265,7 @@ def _dispatch_request(headers: dict, body: dict, *, messages: list[dict], output
 
 def _run(payload: dict) -> dict:
     """Record and run the request like POST /dispatch does."""
-    row = enqueue_sync(dispatch_request_id(), payload)
-    return run_queued_request(get_db(), current_settings(), row, owner=row["lease_owner"], raise_problem=True)
+    return run_sync_request(get_db(), current_settings(), dispatch_request_id(), payload)
 
 
 def _streamed(payload: dict, to_lines: Callable[[dict, Iterator[dict]], Iterator[str]], mimetype: str) -> Response:

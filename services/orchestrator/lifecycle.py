@@ -111,11 +111,14 @@ def lease_runtime(db: Database, model_id: str, settings: Settings, *, holder: Ho
     """A ready runtime of the model, counted busy until `release_runtime`.
 
     With a `holder`, its request notes the model and runtime in the same statement that counts it,
-    and only while the holder keeps its lease (LeaseLost otherwise).
+    and only while the holder keeps its lease (LeaseLost otherwise); a holder's admission (a sync
+    request not recorded yet) is recorded by that statement, whether a warm runtime was free or not.
     """
     for _ in range(attempts):
         with db.connection(autocommit=True) as conn:
             runtime = queries.acquire_warm(conn, model_id, holder)
+            if holder and holder.admission:
+                holder.admission.recorded = True
             if not runtime and holder and not request_queue.lease_held(conn, holder):
                 raise request_queue.LeaseLost(f"request {holder.request_id} was taken back from this worker "
                                               "(its lease expired)", dispatch_id=holder.request_id)

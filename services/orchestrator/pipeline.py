@@ -135,18 +135,39 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
                        raise_problem: bool = False) -> dict | None:
     """Run a request this owner holds the lease of; record its end (and call back, if asked).
 
-    The sync endpoint passes `raise_problem` so its caller gets the problem; a worker keeps going.
+    A worker keeps going after a failed request; `raise_problem` raises its problem instead.
     """
-    request_id = str(row["id"])
     queue_wait_ms = max(0.0, (row["started_at"] - row["created_at"]).total_seconds() * 1000)
+    return _run_request(db, settings, row, Holder(str(row["id"]), owner), queue_wait_ms=queue_wait_ms,
+                        raise_problem=raise_problem)
+
+
+def run_sync_request(db: Database, settings: Settings, request_id: str, payload: dict, *,
+                     callback_headers: dict | None = None) -> dict:
+    """Run a request now, in this thread, and record it; raise its problem if it fails.
+
+    The statement leasing its first runtime records it (processing, leased to this thread), so the
+    hot path saves a round trip; a request that fails before any lease is recorded as failed.
+    """
+    admission = request_queue.Admission(payload, callback_headers, settings.queue_lease_s)
+    row = {"id": request_id, "request_payload": payload, "callback_url": payload["callback_url"],
+           "callback_headers": callback_headers}
+    holder = Holder(request_id, request_queue.lease_owner(), admission)
+    return _run_request(db, settings, row, holder, queue_wait_ms=0.0, raise_problem=True)
+
+
+def _run_request(db: Database, settings: Settings, row: dict, holder: Holder, *, queue_wait_ms: float,
+                 raise_problem: bool) -> dict | None:
+    request_id, owner = holder.request_id, holder.owner
     try:
         with lease_kept_alive(db, settings, request_id, owner):
             answered = dispatch(db, settings, request_id, DispatchRequest.from_payload(row["request_payload"]),
-                                queue_wait_ms=queue_wait_ms, holder=Holder(request_id, owner))
+                                queue_wait_ms=queue_wait_ms, holder=holder)
     except Exception as error:
         details = _error_details(error)
         with db.connection(autocommit=True) as conn:
-            recorded = request_queue.fail(conn, request_id, owner=owner, error_details=details)
+            recorded = request_queue.fail(conn, request_id, owner=owner, error_details=details,
+                                          admission=holder.admission)
         if recorded:
             _call_back(row, {"request_id": request_id, "status": "failed", "error": details})
         if raise_problem or not isinstance(error, Problem):

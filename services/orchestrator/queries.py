@@ -292,6 +292,8 @@ def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder
         RETURNING container_lifecycle.*"""
     if holder is None:
         return _one(conn, f"WITH {UNFLUSHED} {acquired()}", params)
+    if holder.unrecorded:
+        return _admit(conn, acquired(), {**params, **holder.admission.params(holder.request_id, holder.owner)})
     return _one(conn, f"""
         WITH {UNFLUSHED},
              held AS (SELECT id FROM request_queue
@@ -303,6 +305,22 @@ def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder
                        FROM acquired a, held h
                        WHERE q.id = h.id)
         SELECT * FROM acquired""", {**params, "request_id": holder.request_id, "owner": holder.owner})
+
+
+def _admit(conn: psycopg.Connection, acquired: str, params: dict) -> dict | None:
+    """Record a sync request (processing, leased) holding the runtime that `acquired` counts busy, if any."""
+    return _one(conn, f"""
+        WITH {UNFLUSHED},
+             acquired AS ({acquired}),
+             admitted AS (INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status,
+                                                     attempts, lease_owner, lease_expires_at, started_at, callback_url,
+                                                     callback_headers, assigned_model_id, assigned_runtime_id,
+                                                     holds_runtime)
+                          SELECT %(request_id)s, %(payload)s, %(task_type)s, %(priority)s, 'sync', 'processing', 1,
+                                 %(owner)s, now() + make_interval(secs => %(lease)s), now(), %(callback_url)s,
+                                 %(callback_headers)s, a.model_id, a.id, a.id IS NOT NULL
+                          FROM unflushed LEFT JOIN acquired a ON true)
+        SELECT * FROM acquired""", params)
 
 
 def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = None,

@@ -32,12 +32,37 @@ RETURNING id, request_payload, task_type, priority, mode, status, attempts, assi
 """
 
 
+@dataclass
+class Admission:
+    """A sync request not in the queue yet: the statement that leases its first runtime records it
+    (one round trip instead of two on the hot path); `recorded` once that statement has run."""
+
+    payload: dict
+    callback_headers: dict | None
+    lease_seconds: float
+    recorded: bool = False
+
+    def params(self, request_id: str, owner: str) -> dict:
+        """The row's values, for the statement recording it (the row's id as `request_id`)."""
+        row = _row_params(request_id, self.payload, self.payload["task_type"], self.payload["priority"],
+                          self.payload["callback_url"], self.callback_headers)
+        return {**row, "request_id": row.pop("id"), "owner": owner, "lease": self.lease_seconds}
+
+
 @dataclass(frozen=True)
 class Holder:
-    """The request an attempt runs for, and the lease owner it runs under: what holds a runtime."""
+    """The request an attempt runs for, and the lease owner it runs under: what holds a runtime.
+
+    With an `admission`, the request is a sync one that its first lease records.
+    """
 
     request_id: str
     owner: str
+    admission: Admission | None = None
+
+    @property
+    def unrecorded(self) -> bool:
+        return self.admission is not None and not self.admission.recorded
 
 
 class LeaseLost(Conflict):
@@ -53,9 +78,7 @@ def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_ty
             callback_url: str | None, callback_headers: dict | None = None, lease_owner: str | None = None,
             lease_seconds: float | None = None) -> dict:
     """Record a request: pending (async), or already leased to the caller's process (sync)."""
-    params = {"id": request_id, "payload": Jsonb(payload), "task_type": task_type, "priority": priority,
-              "callback_url": callback_url,
-              "callback_headers": None if callback_headers is None else Jsonb(callback_headers)}
+    params = _row_params(request_id, payload, task_type, priority, callback_url, callback_headers)
     if mode == "sync":
         # Unflushed: its caller is waiting, and the durable commit that ends it flushes it too.
         return conn.execute(
@@ -74,6 +97,13 @@ def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_ty
         " SELECT queued.* FROM queued, pg_notify(%(channel)s, '')",
         {**params, "channel": CHANNEL},
     ).fetchone()
+
+
+def _row_params(request_id: str, payload: dict, task_type: str, priority: int, callback_url: str | None,
+                callback_headers: dict | None) -> dict:
+    return {"id": request_id, "payload": Jsonb(payload), "task_type": task_type, "priority": priority,
+            "callback_url": callback_url,
+            "callback_headers": None if callback_headers is None else Jsonb(callback_headers)}
 
 
 def claim_next(conn: psycopg.Connection, *, owner: str, lease_seconds: float) -> dict | None:
@@ -120,8 +150,19 @@ def complete(conn: psycopg.Connection, request_id, *, owner: str, result: dict) 
     return row is not None
 
 
-def fail(conn: psycopg.Connection, request_id, *, owner: str, error_details: dict) -> bool:
-    """Mark a request this owner still holds as failed, with every attempt in `error_details`."""
+def fail(conn: psycopg.Connection, request_id, *, owner: str, error_details: dict,
+         admission: Admission | None = None) -> bool:
+    """Mark a request this owner still holds as failed, with every attempt in `error_details`; an
+    admission that no lease recorded is recorded failed."""
+    if admission is not None and not admission.recorded:
+        conn.execute(
+            "INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status, attempts,"
+            " started_at, completed_at, callback_url, error_details)"
+            " VALUES (%(request_id)s, %(payload)s, %(task_type)s, %(priority)s, 'sync', 'failed', 1, now(), now(),"
+            " %(callback_url)s, %(error_details)s)",
+            {**admission.params(request_id, owner), "error_details": Jsonb(error_details)})
+        admission.recorded = True
+        return True
     row = conn.execute(
         "UPDATE request_queue SET status = 'failed', error_details = %s, completed_at = now(),"
         " lease_expires_at = NULL, callback_headers = NULL WHERE id = %s AND lease_owner = %s AND status = 'processing'"
