@@ -305,7 +305,8 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
                           model_id=str(candidate.model["id"]), repair=repair_of is not None)
         attempts.append(attempt)
         outcome = run_attempt(db, settings, request_id, request, candidate, attempt,
-                              repair_of=repair_of, queue_wait_ms=queue_wait_ms, holder=holder, answer=answer)
+                              repair_of=repair_of, queue_wait_ms=queue_wait_ms, holder=holder, answer=answer,
+                              templates_version=selection.templates_version)
         if attempt.outcome == "ok":
             return outcome
         if attempt.outcome == "invalid_output" and repair_of is None:
@@ -344,7 +345,8 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
             outcome, started, text = Outcome(attempt=attempt), time.perf_counter(), []
             try:
                 yield from _stream_attempt(db, settings, request, candidate, outcome, text,
-                                           holder=Holder(request_id, owner))
+                                           holder=Holder(request_id, owner),
+                                           templates_version=selection.templates_version)
             except Problem as error:
                 failed = "timeout" if isinstance(error, ModelServerTimeout) else (
                     "server_error" if attempt.runtime_id else "start_failed")
@@ -385,7 +387,8 @@ DISCONNECTED = "The client disconnected before the answer was complete."
 
 
 def _stream_attempt(db: Database, settings: Settings, request: DispatchRequest,
-                    candidate: Candidate, outcome: Outcome, text: list[str], *, holder: Holder) -> Iterator[dict]:
+                    candidate: Candidate, outcome: Outcome, text: list[str], *, holder: Holder,
+                    templates_version: str | None = None) -> Iterator[dict]:
     """One model's streamed answer: the start event once it answers, then its text.
 
     The start event waits for the first chunk, so a model that fails before answering is retried
@@ -394,7 +397,8 @@ def _stream_attempt(db: Database, settings: Settings, request: DispatchRequest,
     """
     attempt, started = outcome.attempt, time.perf_counter()
     with db.connection(autocommit=True) as conn:
-        outcome.built = build_prompt(conn, prompt_request(request, candidate.model))
+        outcome.built = build_prompt(conn, prompt_request(request, candidate.model),
+                                     templates_version=templates_version)
     with leased_runtime(db, candidate.model["id"], settings, holder=holder) as runtime:
         outcome.ensure_ms = _ms_since(started)
         attempt.runtime_id = str(runtime["id"])
@@ -454,7 +458,8 @@ def pinned_selection(db: Database, request: DispatchRequest) -> Selection:
 def run_attempt(db: Database, settings: Settings, request_id: str, request: DispatchRequest,
                 candidate: Candidate, attempt: Attempt, *, repair_of: Outcome | None,
                 queue_wait_ms: float, holder: Holder | None = None,
-                answer: Callable[[Outcome], dict] | None = None) -> Outcome:
+                answer: Callable[[Outcome], dict] | None = None,
+                templates_version: str | None = None) -> Outcome:
     """One model, one runtime, one generation, checked; logged by the statement that releases the runtime.
 
     When it succeeds, `answer` makes the result, which that statement records as the request's end.
@@ -463,8 +468,9 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
     outcome = Outcome(attempt=attempt)
     started, started_at = time.perf_counter(), datetime.now(timezone.utc)
     try:
-        with db.connection(autocommit=True) as conn:  # one read
-            outcome.built = build_prompt(conn, prompt_request(request, model))
+        with db.connection(autocommit=True) as conn:  # reads only when the templates are not in memory
+            outcome.built = build_prompt(conn, prompt_request(request, model),
+                                         templates_version=templates_version)
         runtime = lease_runtime(db, model["id"], settings, holder=holder)
     except Problem as error:  # no prompt, or no runtime to run it on
         attempt.outcome, attempt.error = "start_failed", error.detail

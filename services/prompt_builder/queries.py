@@ -73,3 +73,14 @@ def resolve_active(conn: psycopg.Connection, task_type: str, model_family: str) 
             ORDER BY task_type = 'default', model_family = 'default'
             LIMIT 1""",
         {"task": task_type, "family": model_family}).fetchone()
+
+
+def active_templates(conn: psycopg.Connection) -> tuple[str, list[dict]]:
+    """The templates' version and every active template, read by one statement so they agree."""
+    rows = conn.execute(
+        f"""SELECT v.templates_version, t.*
+            FROM (SELECT version::text AS templates_version FROM prompt_templates_version) v
+            LEFT JOIN (SELECT {COLUMNS} FROM prompt_templates WHERE active) t ON true""").fetchall()
+    return rows[0]["templates_version"], [
+        {name: value for name, value in row.items() if name != "templates_version"}
+        for row in rows if row["id"] is not None]

@@ -201,22 +201,76 @@ def model_family(model: str) -> str:
 
 def resolve_template(conn: psycopg.Connection, task_type: str, family: str) -> dict:
     """The active template for (task, family), else (task, default), else the global default."""
-    row = queries.resolve_active(conn, task_type, family)
+    return _applicable(queries.resolve_active(conn, task_type, family), task_type, family)
+
+
+def _applicable(row: dict | None, task_type: str, family: str) -> dict:
     if row is None:
         raise Unprocessable(f"No active template applies to ({task_type}, {family}) and there is "
                             "no active global default.")
     return row
 
 
+class ActiveTemplates:
+    """The active templates of one templates version, resolved in memory as `resolve_active` does."""
+
+    def __init__(self, version: str, rows: list[dict]) -> None:
+        self.version = version
+        self._by_pair = {(row["task_type"], row["model_family"]): row for row in rows}
+
+    def resolve(self, task_type: str, family: str) -> dict | None:
+        for pair in ((task_type, family), (task_type, DEFAULT), (DEFAULT, DEFAULT)):
+            if pair in self._by_pair:
+                return self._by_pair[pair]
+        return None
+
+
+class _TemplateCache:
+    """The active templates of the latest templates version this process read.
+
+    A write to prompt_templates gives them a new version (a trigger), which a dispatch reads with
+    its selection state: an attempt that brings that version builds its prompt without a read.
+    """
+
+    def __init__(self) -> None:
+        self._entry: ActiveTemplates | None = None
+
+    def get(self, conn: psycopg.Connection, version: str) -> ActiveTemplates:
+        entry = self._entry
+        if entry is None or entry.version != version:
+            # Another thread may load them too; every load is a consistent (version, templates)
+            # pair and is never changed after, so whichever is kept is correct.
+            entry = ActiveTemplates(*queries.active_templates(conn))
+            self._entry = entry
+        return entry
+
+
+_active_templates = _TemplateCache()
+
+
+def _template_for(conn: psycopg.Connection, task_type: str, family: str,
+                  templates_version: str | None) -> dict:
+    if templates_version is None:
+        return resolve_template(conn, task_type, family)
+    templates = _active_templates.get(conn, templates_version)
+    return _applicable(templates.resolve(task_type, family), task_type, family)
+
+
 # --- building ------------------------------------------------------------------------------
 
-def build_prompt(conn: psycopg.Connection, request: PromptRequest | Mapping[str, Any]) -> BuiltPrompt:
-    """Render the template that applies to the request's task and model into messages and options."""
+def build_prompt(conn: psycopg.Connection, request: PromptRequest | Mapping[str, Any], *,
+                 templates_version: str | None = None) -> BuiltPrompt:
+    """Render the template that applies to the request's task and model into messages and options.
+
+    With the `templates_version` a dispatch read at its start, the template comes from memory when
+    this process holds the active templates of that version (else they are all read again, in one
+    statement); without it, the one template is read.
+    """
     if not isinstance(request, PromptRequest):
         request = PromptRequest(**request)
     _check_request(request)
     family = model_family(request.model)
-    template = resolve_template(conn, request.task_type, family)
+    template = _template_for(conn, request.task_type, family, templates_version)
     instructions = formats.format_instructions(request.output_format, request.json_schema,
                                                request.variables.get("language"))
     values = {**request.variables, "prompt": request.prompt, "format_instructions": instructions,

@@ -95,9 +95,11 @@ def model_history(conn: psycopg.Connection, model_id: UUID) -> dict:
 
 
 def selection_state(conn: psycopg.Connection) -> dict:
-    """What may change between two selections: the catalogue, the measured figures, warm runtimes."""
+    """What may change between two selections: the catalogue, the measured figures, warm runtimes;
+    and the version of the prompt templates, which the dispatch's attempts build their prompts from."""
     return conn.execute("""
         SELECT (SELECT version FROM model_registry_version) AS catalogue_version,
+               (SELECT version::text FROM prompt_templates_version) AS templates_version,
                (SELECT refreshed_at FROM model_performance_summary LIMIT 1) AS refreshed_at,
                ARRAY(SELECT DISTINCT model_id::text FROM container_lifecycle
                      WHERE status = 'running' AND health_status <> 'unhealthy') AS warm_model_ids

@@ -119,6 +119,8 @@ class Selection:
     eligible_count: int
     candidates: list[Candidate] = field(default_factory=list)
     filtered: list[FilterGroup] = field(default_factory=list)
+    # The prompt templates' version read with the selection state; None: not known (build reads).
+    templates_version: str | None = None
 
 
 class NoCandidate(Unprocessable):
@@ -234,7 +236,8 @@ def select_models(conn: psycopg.Connection, request: SelectionRequest,
                              float(parts["exploration"][r])))
         for r, i in zip(ranked, eligible[ranked]) if catalogue.ids[i] in models]
     return Selection(task_type=request.task_type, complexity=request.complexity, weights=weights,
-                     eligible_count=int(eligible.size), candidates=candidates, filtered=filtered)
+                     eligible_count=int(eligible.size), candidates=candidates, filtered=filtered,
+                     templates_version=state["templates_version"])
 
 
 def _rules(catalogue: Catalogue, request: SelectionRequest, settings: Settings,

@@ -17,6 +17,7 @@ from services.orchestrator import create_app, request_queue
 from services.orchestrator.dispatch_schemas import DispatchSchema
 from services.orchestrator.pipeline import stream_dispatch
 from services.orchestrator.worker import WorkerPool
+from services.prompt_builder import queries as template_queries, templates
 
 JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
 
@@ -97,6 +98,46 @@ def test_json_output_is_parsed_and_validated_against_the_schema(client, conn):
     assert (response.status_code, body["response"], body["valid"]) == (200, {"answer": 42}, True)
     sent = server.state.requests[-1]["body"]
     assert sent["response_format"]["type"] == "json_schema"
+
+
+def template_reads(monkeypatch) -> list[str]:
+    """The names of the template queries run from now on, in order."""
+    reads = []
+
+    def noted(name: str, read):
+        def noted_read(*args):
+            reads.append(name)
+            return read(*args)
+        return noted_read
+
+    for name in ("resolve_active", "active_templates"):
+        monkeypatch.setattr(template_queries, name, noted(name, getattr(template_queries, name)))
+    return reads
+
+
+def test_attempts_take_the_template_from_memory_until_a_template_write(client, conn, fake_server, monkeypatch):
+    reads = template_reads(monkeypatch)
+    model = served_by(conn, fake_server)
+    family = templates.create_template(conn, task_type="question-answering", model_family=model["name"],
+                                       user_template="Q: {prompt}")
+    fake_server.config.fault, fake_server.config.fault_count = "error", 2
+
+    def dispatched() -> dict:
+        response = client.post("/dispatch", json=dispatch_body(max_retries=2))
+        assert response.status_code == 200
+        return response.get_json()
+
+    first = dispatched()
+    assert [a["outcome"] for a in first["attempts"]] == ["server_error", "server_error", "ok"]
+    # The write gave the templates a new version: read once, for the three attempts.
+    assert (first["template"]["id"], reads) == (str(family["id"]), ["active_templates"])
+    assert dispatched()["template"]["id"] == str(family["id"])
+    assert reads == ["active_templates"]
+    second, _ = templates.update_template(conn, family["id"], {"user_template": "Question: {prompt}"})
+    assert dispatched()["template"] == {"id": str(second["id"]), "task_type": "question-answering",
+                                        "model_family": model["name"], "version": 2}
+    assert reads == ["active_templates", "active_templates"]
+    assert fake_server.state.requests[-1]["body"]["messages"][-1]["content"].startswith("Question: What is")
 
 
 @pytest.mark.parametrize("code, status, outcome, reasons", [
@@ -359,6 +400,21 @@ def test_a_streamed_answer_is_validated_when_it_ends(conn, db, settings):
     assert performance_rows(conn, request_id) == [
         {"model_id": model["id"], "attempt": 1, "success": True, "validation_passed": True,
          "error_class": None, "template_version": 1, "output_tokens": 2}]
+
+
+def test_streamed_attempts_take_the_template_from_memory(conn, db, settings, fake_server, monkeypatch):
+    reads = template_reads(monkeypatch)
+    model = served_by(conn, fake_server)
+    family = templates.create_template(conn, task_type="question-answering", model_family=model["name"],
+                                       user_template="Q: {prompt}")
+    fake_server.config.fault, fake_server.config.fault_count = "error", 1
+    request_id, events = streamed(conn, db, settings, max_retries=1)
+    assert [a["outcome"] for a in queue_row(conn, request_id)["result"]["attempts"]] == ["server_error", "ok"]
+    assert reads == ["active_templates"]  # once for both attempts: the write gave a new version
+    streamed(conn, db, settings)
+    assert reads == ["active_templates"]
+    assert conn.execute("SELECT DISTINCT template_id FROM performance_logs WHERE model_id = %s",
+                        (model["id"],)).fetchall() == [{"template_id": family["id"]}]
 
 
 def test_an_invalid_streamed_answer_is_reported_but_never_repaired(conn, db, settings):

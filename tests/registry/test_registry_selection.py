@@ -200,6 +200,16 @@ def test_changes_are_seen_at_once_in_the_same_transaction(empty):
     assert select(empty, weights={"speed": 1}) == ["one", "two"]
 
 
+def test_a_selection_carries_the_templates_version_that_a_template_write_changes(empty):
+    summarizer(empty, "one")
+    before = select_models(empty, SelectionRequest(task_type="summarization"), SETTINGS)
+    empty.execute("UPDATE prompt_templates SET description = 'changed' WHERE task_type = 'default'")
+    after = select_models(empty, SelectionRequest(task_type="summarization"), SETTINGS)
+    versions = [row["version"] for row in empty.execute("SELECT version::text FROM prompt_templates_version")]
+    assert after.templates_version == versions[0]
+    assert before.templates_version not in (None, after.templates_version)
+
+
 def test_the_same_data_gives_the_same_selection(empty):
     for name in ("a", "b", "c"):
         summarizer(empty, name)
