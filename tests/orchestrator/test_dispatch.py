@@ -9,6 +9,7 @@ import uuid
 from dataclasses import replace
 from unittest.mock import ANY
 
+import psycopg
 import pytest
 
 from fake_model_server import FakeModelServer
@@ -88,6 +89,27 @@ def test_a_dispatch_answers_with_the_decision_and_leaves_a_record(client, conn, 
     assert performance_rows(conn, body["request_id"]) == [
         {"model_id": model["id"], "attempt": 1, "success": True, "validation_passed": True,
          "error_class": None, "template_version": 1, "output_tokens": 5}]
+
+
+def test_a_warm_dispatch_takes_three_statements(client, conn, fake_server, monkeypatch):
+    """The hot path's round trips: what changed since the last selection; record the request while
+    counting its runtime busy; release the runtime, log the attempt and complete the request."""
+    served_by(conn, fake_server)
+    assert client.post("/dispatch", json=dispatch_body()).status_code == 200   # starts the runtime
+    statements = []
+    execute = psycopg.Connection.execute
+
+    def counted(self, query, *args, **kwargs):
+        statements.append(" ".join(str(query).split())[:60])
+        return execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counted)
+    response = client.post("/dispatch", json=dispatch_body())
+
+    assert response.status_code == 200
+    assert len(statements) == 3, statements
+    request_id = response.get_json()["request_id"]
+    assert (queue_row(conn, request_id)["status"], len(performance_rows(conn, request_id))) == ("completed", 1)
 
 
 def test_json_output_is_parsed_and_validated_against_the_schema(client, conn):
