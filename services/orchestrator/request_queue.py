@@ -69,9 +69,12 @@ class LeaseLost(Conflict):
     """The request's lease lapsed and was reclaimed: this worker must not run it any further."""
 
 
+_HOST = socket.gethostname()   # once: a system call per request costs a GIL hand-off under load
+
+
 def lease_owner() -> str:
     """Who holds a lease: host, process and thread, so owners never collide."""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    return f"{_HOST}:{os.getpid()}:{threading.get_ident()}"
 
 
 def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_type: str, priority: int, mode: str,
