@@ -14,7 +14,7 @@ from flask_smorest.utils import prepare_response
 
 from services.common import errors
 from services.common.config import Settings
-from services.common.db import PooledDatabase, get_db
+from services.common.db import NUL_ESCAPE, PooledDatabase, get_db
 from services.common.logs import configure_logging
 from services.common.metrics import install_request_metrics, metrics_response
 
@@ -108,6 +108,7 @@ def create_service_app(service: str, title: str, blueprints: Iterable[Blueprint]
     app.before_request(_assign_request_id)
     app.before_request(_require_token)
     app.before_request(_require_json_body)
+    app.before_request(_refuse_nul)
     app.after_request(_echo_request_id)
     install_request_metrics(app, service)
 
@@ -149,6 +150,15 @@ def _require_json_body() -> Response | None:
         return None
     return errors.problem_response(
         415, f"Request bodies must be application/json, not {request.mimetype or 'unspecified'}.")
+
+
+def _refuse_nul() -> Response | None:
+    """No text or jsonb column can hold U+0000: refused in the path, the query and JSON bodies alike."""
+    in_body = request.is_json and NUL_ESCAPE.search(request.get_data(as_text=True))
+    if in_body or "\x00" in request.path or any("\x00" in value for value in request.args.values()):
+        return errors.problem_response(
+            422, "Strings cannot contain the character U+0000: the database cannot store it.")
+    return None
 
 
 def current_settings() -> Settings:

@@ -1,6 +1,8 @@
 """One connection pool per process; a `Database` hands out connections that commit or roll back."""
 from __future__ import annotations
 
+import json
+import re
 import select
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -9,12 +11,26 @@ from typing import Protocol
 import psycopg
 from flask import current_app
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_dumps
 from psycopg_pool import ConnectionPool
+
+# An escaped U+0000 in JSON text: preceded by an even number of backslashes (escaped ones).
+NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def jsonb_dumps(value) -> str:
+    """JSON for jsonb: Postgres refuses U+0000 there, so a NUL (a model's output can have one) is
+    stored as U+FFFD rather than failing the statement that records the answer."""
+    text = json.dumps(value)
+    return NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
+
+
+set_json_dumps(jsonb_dumps)
 
 # A CTE for statements that write transient state (a lease, a runtime's busy count): their commit
 # does not wait for the WAL to reach the disk (`synchronous_commit` off for that transaction only).
-# Only a crash of Postgres itself can lose such a commit, and lease expiry repairs what it held;
-# the next durable commit flushes it anyway. The statement must read from `unflushed` for it to run.
+# Only a crash of Postgres or of its machine can lose such a commit (the WAL writer flushes it
+# within a few hundred ms, the next durable commit at once), and lease expiry repairs what it held. The statement must read from `unflushed` for it to run.
 UNFLUSHED = "unflushed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))"
 
 

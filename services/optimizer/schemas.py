@@ -16,14 +16,9 @@ SCOPES = ("all", "task_type", "model")
 MAX_BATCH = 1000
 
 
-def _no_nul(value: str) -> None:
-    if "\x00" in value:
-        raise ValidationError("Must not contain NUL characters.")
-
-
 def text(min_len: int = 0, max_len: int = 200, **kwargs) -> fields.String:
-    """A bounded string Postgres can store."""
-    return fields.String(validate=[validate.Length(min_len, max_len), _no_nul], **kwargs)
+    """A bounded string (a NUL never gets this far: the app core refuses it)."""
+    return fields.String(validate=validate.Length(min_len, max_len), **kwargs)
 
 
 def count(max_value: int = INT_MAX, min_value: int = 0, *, strict: bool = True, **kwargs) -> fields.Integer:

@@ -112,6 +112,26 @@ def test_oversized_body_is_413(client):
     assert response.get_json()["status"] == 413
 
 
+@pytest.mark.parametrize("body, status", [
+    ('{"name": "a\\u0000"}', 422),            # a NUL: no text or jsonb column can hold it
+    ('{"name": "a\\\\u0000"}', 201),         # a backslash, then "u0000": plain text
+    ('{"name": "a\\\\\\u0000"}', 422),     # a backslash, then a NUL
+])
+def test_a_nul_character_in_a_body_is_a_422(client, body, status):
+    response = client().post("/items", data=body, content_type="application/json")
+    assert response.status_code == status
+    if status == 422:
+        assert response.get_json() == problem(
+            response, 422, "Strings cannot contain the character U+0000: the database cannot store it.")
+
+
+@pytest.mark.parametrize("path", ["/conflict?q=a%00b", "/conflict%00"])
+def test_a_nul_character_in_the_path_or_query_is_a_422(client, path):
+    response = client().get(path)
+    assert response.status_code == 422
+    assert response.content_type == PROBLEM
+
+
 def test_request_id_is_echoed_or_generated(client):
     c = client()
     assert c.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
