@@ -90,17 +90,19 @@ def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: H
 
     `performance`, the attempt's performance_logs row, is written by the same statement; if it
     cannot be written, the runtime is released all the same (a lost log row must not keep it busy).
-    With a `result`, the holder's request is completed by that statement too (row["completed"]).
+    With a `result`, the holder's request is completed by that statement too (row["completed"];
+    False after such a failure: the request is then reclaimed when its lease expires).
     """
     try:
         with db.connection(autocommit=True) as conn:
             row = queries.release(conn, runtime_id, holder, performance, result)
-    except Exception:  # whatever kept the row out, the release itself must happen
-        if performance is None:
+    except Exception:  # whatever kept the attempt's record out, the release itself must happen
+        if performance is None and result is None:
             raise
-        logger.exception("could not log a performance row", extra={"runtime_id": str(runtime_id)})
+        logger.exception("could not record the attempt; releasing its runtime without it",
+                         extra={"runtime_id": str(runtime_id)})
         with db.connection(autocommit=True) as conn:
-            row = queries.release(conn, runtime_id, holder, result=result)
+            row = queries.release(conn, runtime_id, holder)
     if row and row["keep_alive_seconds"] == 0 and row["active_requests"] == 0 and row["status"] == "running":
         _stop_if_idle(db, runtime_id, settings)
     return row
@@ -117,8 +119,6 @@ def lease_runtime(db: Database, model_id: str, settings: Settings, *, holder: Ho
     for _ in range(attempts):
         with db.connection(autocommit=True) as conn:
             runtime = queries.acquire_warm(conn, model_id, holder)
-            if holder and holder.admission:
-                holder.admission.recorded = True
             if not runtime and holder and not request_queue.lease_held(conn, holder):
                 raise request_queue.LeaseLost(f"request {holder.request_id} was taken back from this worker "
                                               "(its lease expired)", dispatch_id=holder.request_id)

@@ -282,18 +282,21 @@ def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder
     """The runtime `target` selects, counted busy; with a holder, only while its request's lease is
     held, and noted on the request in the same statement (which locks the request first, then the
     runtime: the order reclaiming an expired lease takes them in too)."""
-    # Unflushed: a busy count lost in a crash of Postgres went with the request that held it.
+    # With a holder, unflushed: a busy count lost in a crash of Postgres went with the request that
+    # held it. Without one, durable: a lost count would make a busy runtime look idle.
     def acquired(condition: str = "") -> str:
         return f"""
         UPDATE container_lifecycle
         SET active_requests = active_requests + 1, total_requests = total_requests + 1, last_activity = now()
-        FROM unflushed
+        {"FROM unflushed" if holder else ""}
         WHERE id = {target} AND status = 'running' {condition}
         RETURNING container_lifecycle.*"""
     if holder is None:
-        return _one(conn, f"WITH {UNFLUSHED} {acquired()}", params)
+        return _one(conn, acquired(), params)
     if holder.unrecorded:
-        return _admit(conn, acquired(), {**params, **holder.admission.params(holder.request_id, holder.owner)})
+        runtime = _admit(conn, acquired(), {**params, **holder.admission.params(holder.request_id, holder.owner)})
+        holder.admission.recorded = True
+        return runtime
     return _one(conn, f"""
         WITH {UNFLUSHED},
              held AS (SELECT id FROM request_queue

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -58,7 +58,7 @@ class Holder:
 
     request_id: str
     owner: str
-    admission: Admission | None = None
+    admission: Admission | None = field(default=None, compare=False)
 
     @property
     def unrecorded(self) -> bool:
@@ -158,14 +158,15 @@ def fail(conn: psycopg.Connection, request_id, *, owner: str, error_details: dic
     """Mark a request this owner still holds as failed, with every attempt in `error_details`; an
     admission that no lease recorded is recorded failed."""
     if admission is not None and not admission.recorded:
-        conn.execute(
+        # Nothing when the id is taken: the request is another's (a repeated X-Request-ID).
+        inserted = conn.execute(
             "INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status, attempts,"
             " started_at, completed_at, callback_url, error_details)"
             " VALUES (%(request_id)s, %(payload)s, %(task_type)s, %(priority)s, 'sync', 'failed', 1, now(), now(),"
-            " %(callback_url)s, %(error_details)s)",
-            {**admission.params(request_id, owner), "error_details": Jsonb(error_details)})
-        admission.recorded = True
-        return True
+            " %(callback_url)s, %(error_details)s) ON CONFLICT (id) DO NOTHING RETURNING id",
+            {**admission.params(request_id, owner), "error_details": Jsonb(error_details)}).fetchone()
+        admission.recorded = inserted is not None
+        return admission.recorded
     row = conn.execute(
         "UPDATE request_queue SET status = 'failed', error_details = %s, completed_at = now(),"
         " lease_expires_at = NULL, callback_headers = NULL WHERE id = %s AND lease_owner = %s AND status = 'processing'"

@@ -14,7 +14,7 @@ import pytest
 
 from fake_model_server import FakeModelServer
 from orchestrator_helpers import insert_model
-from services.orchestrator import create_app, request_queue
+from services.orchestrator import create_app, queries, request_queue
 from services.orchestrator.dispatch_schemas import DispatchSchema
 from services.orchestrator.pipeline import stream_dispatch
 from services.orchestrator.worker import WorkerPool
@@ -110,6 +110,59 @@ def test_a_warm_dispatch_takes_three_statements(client, conn, fake_server, monke
     assert len(statements) == 3, statements
     request_id = response.get_json()["request_id"]
     assert (queue_row(conn, request_id)["status"], len(performance_rows(conn, request_id))) == ("completed", 1)
+
+
+def busy_counts(conn, model: dict) -> list[int]:
+    return [r["active_requests"] for r in conn.execute(
+        "SELECT active_requests FROM container_lifecycle WHERE model_id = %s", (model["id"],))]
+
+
+@pytest.mark.parametrize("reply, output_format, answer", [
+    ("a\x00b", "text", "a{}b"),
+    ('{"answer": "\\u0000"}', "json", {"answer": "{}"}),
+])
+def test_an_answer_with_a_nul_is_recorded_with_a_replacement_character(client, conn, reply, output_format, answer):
+    """Postgres refuses U+0000 in jsonb: the stored answer has U+FFFD; the caller gets the answer as is."""
+    def with_char(char: str):
+        return answer.format(char) if isinstance(answer, str) else {"answer": answer["answer"].format(char)}
+
+    with FakeModelServer(reply=reply) as server:
+        model = served_by(conn, server)
+        response = client.post("/dispatch", json=dispatch_body(output_format=output_format))
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["response"] == with_char("\x00")
+    row = queue_row(conn, body["request_id"])
+    assert (row["status"], row["result"]["response"]) == ("completed", with_char("\ufffd"))
+    assert busy_counts(conn, model) == [0]
+
+
+def test_an_answer_that_cannot_be_recorded_still_frees_its_runtime(client, conn, fake_server, monkeypatch):
+    model = served_by(conn, fake_server)
+    release = queries.release
+
+    def refusing(conn, runtime_id, holder=None, performance=None, result=None):
+        if result is not None:
+            raise psycopg.errors.DataError("refused")
+        return release(conn, runtime_id, holder, performance, result)
+
+    monkeypatch.setattr(queries, "release", refusing)
+    response = client.post("/dispatch", json=dispatch_body())
+
+    assert response.status_code == 200     # the caller has its answer; lease expiry ends the request
+    assert queue_row(conn, response.get_json()["request_id"])["status"] == "processing"
+    assert busy_counts(conn, model) == [0]
+
+
+def test_a_repeated_request_id_is_a_409_and_leaves_the_first_request_alone(client, conn, fake_server):
+    served_by(conn, fake_server)
+    request_id = str(uuid.uuid4())
+    first = client.post("/dispatch", json=dispatch_body(), headers={"X-Request-ID": request_id})
+    again = client.post("/dispatch", json=dispatch_body(), headers={"X-Request-ID": request_id})
+    unservable = client.post("/dispatch", json=dispatch_body(complexity="high"), headers={"X-Request-ID": request_id})
+    assert (first.status_code, again.status_code, unservable.status_code) == (200, 409, 422)
+    assert again.content_type == "application/problem+json"
+    assert queue_row(conn, request_id)["status"] == "completed"
 
 
 def test_json_output_is_parsed_and_validated_against_the_schema(client, conn):
