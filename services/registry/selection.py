@@ -10,7 +10,9 @@ Speed. The catalogue's request-independent facts (below) are held in memory as a
 the catalogue version (bumped by a trigger on every write to model_registry) and the refresh time
 of the performance view; each selection reads that key and the warm runtimes in one small query,
 filters and scores with array arithmetic, then reads the full rows of the top candidates only
-(once per catalogue: they are cached with it).
+(once per catalogue: they are cached with it). A ranking is a pure function of that state, the
+request and the enabled drivers, so the last RANKINGS_KEPT rankings are kept for requests that
+repeat (a workflow sends the same kind of request again and again).
 
 Evidence. Each figure blends what was measured in the last 24 hours (the materialized view
 `model_performance_summary`, n samples) with the catalogue's prior (`performance_metrics`) by
@@ -38,7 +40,9 @@ Ties are broken by name, version and id: the same data always gives the same ran
 from __future__ import annotations
 
 import math
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -203,10 +207,52 @@ class _CatalogueCache:
 _catalogues = _CatalogueCache()
 
 
+class _RankingCache:
+    """The latest rankings, by (state, request, drivers); a Selection kept here is never changed."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple, Selection] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> Selection | None:
+        with self._lock:
+            selection = self._entries.get(key)
+            if selection is not None:
+                self._entries.move_to_end(key)
+            return selection
+
+    def put(self, key: tuple, selection: Selection) -> None:
+        with self._lock:
+            self._entries[key] = selection
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+RANKINGS_KEPT = 256
+_rankings = _RankingCache(RANKINGS_KEPT)
+
+
 def select_models(conn: psycopg.Connection, request: SelectionRequest,
                   settings: Settings) -> Selection:
     """Rank the models that can take `request`; raise NoCandidate when none can."""
     state = queries.selection_state(conn)
+    key = (state["catalogue_version"], state["refreshed_at"], tuple(sorted(state["warm_model_ids"])),
+           state["templates_version"], _request_key(request), tuple(settings.runtime_drivers))
+    selection = _rankings.get(key)
+    if selection is None:
+        selection = _rank(conn, request, settings, state)
+        _rankings.put(key, selection)
+    return selection
+
+
+def _request_key(request: SelectionRequest) -> tuple:
+    weights = tuple(sorted(request.weights.items())) if request.weights is not None else None
+    return (request.task_type, request.complexity, request.max_memory_mb, request.max_latency_ms, weights,
+            request.required_tags, request.exclude, request.prefer_warm, request.limit)
+
+
+def _rank(conn: psycopg.Connection, request: SelectionRequest, settings: Settings, state: dict) -> Selection:
     catalogue = _catalogues.get(conn, (state["catalogue_version"], state["refreshed_at"]))
     warm = catalogue.marked(state["warm_model_ids"]) | catalogue.external
     expected_latency = catalogue.p95_latency_ms + np.where(warm, 0.0, catalogue.load_time_ms)

@@ -9,6 +9,7 @@ from registry_helpers import (INVALID, add_model, add_runtime, log_requests, mod
 
 from services.common.config import Settings
 from services.registry import create_app
+from services.registry import selection
 from services.registry.selection import NoCandidate, SelectionRequest, select_models
 
 SETTINGS = Settings()
@@ -218,6 +219,25 @@ def test_the_same_data_gives_the_same_selection(empty):
     assert select_models(empty, request, SETTINGS) == first
     assert [c.model["name"] for c in first.candidates] == ["a", "b"]
     assert first.eligible_count == 3
+
+
+def test_a_repeated_request_on_the_same_state_is_ranked_once(empty, monkeypatch):
+    one = summarizer(empty, "one")
+    rankings = []
+    rank = selection._rank
+    monkeypatch.setattr(selection, "_rank", lambda *args: rankings.append(args[1]) or rank(*args))
+    request = SelectionRequest(task_type="summarization", weights={"speed": 1, "memory": 0.5})
+
+    first = select_models(empty, request, SETTINGS)
+    assert select_models(empty, SelectionRequest(task_type="summarization",
+                                                 weights={"memory": 0.5, "speed": 1}), SETTINGS) is first
+    assert len(rankings) == 1
+    select_models(empty, SelectionRequest(task_type="summarization", complexity=2), SETTINGS)   # another request
+    add_runtime(empty, one["id"])                                                             # warm now
+    assert select_models(empty, request, SETTINGS).candidates[0].data["warm"] is True
+    summarizer(empty, "two")                                                                  # the catalogue
+    assert [c.model["name"] for c in select_models(empty, request, SETTINGS).candidates] == ["one", "two"]
+    assert len(rankings) == 4
 
 
 def test_select_over_http_on_the_seeded_catalogue(client):
