@@ -46,7 +46,8 @@ class Admission:
         """The row's values, for the statement recording it (the row's id as `request_id`)."""
         row = _row_params(request_id, self.payload, self.payload["task_type"], self.payload["priority"],
                           self.payload["callback_url"], self.callback_headers)
-        return {**row, "request_id": row.pop("id"), "owner": owner, "lease": self.lease_seconds}
+        row["request_id"] = row.pop("id")   # `id` is the runtime's in the statements that take these
+        return {**row, "owner": owner, "lease": self.lease_seconds}
 
 
 @dataclass(frozen=True)

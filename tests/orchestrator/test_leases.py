@@ -110,6 +110,24 @@ def test_acquiring_for_a_request_notes_the_runtime_on_it_in_the_same_statement(c
     assert busy(conn, runtime["id"]) == 1
 
 
+@pytest.mark.parametrize("acquire", [
+    lambda conn, runtime, holder: queries.acquire_warm(conn, runtime["model_id"], holder),
+    lambda conn, runtime, holder: queries.acquire(conn, runtime["id"], holder),
+])
+def test_a_sync_request_is_recorded_by_the_statement_that_counts_its_runtime(conn, acquire):
+    runtime = running_runtime(conn)
+    admission = request_queue.Admission({**PAYLOAD, "priority": 100, "callback_url": None}, None, 30.0)
+    holder = Holder("5f0c7b7e-0000-4000-8000-000000000403", "worker-a", admission)
+
+    assert acquire(conn, runtime, holder)["id"] == runtime["id"]
+
+    assert admission.recorded and busy(conn, runtime["id"]) == 1
+    assert queued(conn, holder.request_id) == {"assigned_model_id": runtime["model_id"],
+                                               "assigned_runtime_id": runtime["id"], "holds_runtime": True,
+                                               "status": "processing"}
+    assert request_queue.lease_held(conn, holder)
+
+
 def test_a_request_reclaimed_while_holding_a_runtime_gives_its_busy_count_back_once(conn):
     runtime, holder = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000402")
     queries.acquire(conn, runtime["id"], holder)
