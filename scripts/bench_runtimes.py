@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.common.config import PROJECT_ROOT, Settings  # noqa: E402
 from services.common.db import PooledDatabase, connect  # noqa: E402
 from services.common.migrate import migrate  # noqa: E402
-from services.orchestrator import lifecycle, queries  # noqa: E402
+from services.orchestrator import lifecycle  # noqa: E402
 from services.orchestrator.runtimes.base import free_port  # noqa: E402
 from services.orchestrator.runtimes.process import LaunchSpec, llama_cpp_command  # noqa: E402
+from services.registry.selection import find_model  # noqa: E402
 
 READY_LINE = re.compile(r"llama_server: serving .* \(ready at ([0-9.]+)\)")
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             migrate(conn, seed=True)
         db.pool.open(wait=True)
         with db.connection() as conn:
-            model = queries.find_model(conn, "smollm2", None)
+            model = find_model(conn, "smollm2")[0]
 
         direct, ensured, overheads = [], [], []
         for _ in range(args.cold_runs):  # interleaved, so drift on a shared machine hits both alike

@@ -9,21 +9,30 @@ from services.common.errors import Conflict, NotFound
 from services.orchestrator import queries
 from services.orchestrator.lifecycle import leased_runtime
 from services.orchestrator.protocols import Options, client_for
+from services.registry.selection import find_model
 
 
 def resolve_model(db: Database, *, model_id: str | None = None, model: str | None = None) -> dict:
     """A model by id, or by "name:version" or "name" (its newest active version)."""
+    if model_id is None:
+        return named_model(db, model or "")[0]
     with db.connection(autocommit=True) as conn:  # one read
-        if model_id:
-            row = queries.get_model(conn, model_id)
-        else:
-            name, _, version = (model or "").partition(":")
-            row = queries.find_model(conn, name, version or None)
+        row = queries.get_model(conn, model_id)
     if row is None:
-        raise NotFound(f"model {model_id or model} does not exist")
+        raise NotFound(f"model {model_id} does not exist")
     if not row["active"]:
         raise Conflict(f"model {row['name']}:{row['version']} is not active", model_id=str(row["id"]))
     return row
+
+
+def named_model(db: Database, ref: str) -> tuple[dict, str]:
+    """The active model "name:version" or "name" (its newest active version) names, and the
+    templates version read with it (one read: the catalogue is in memory)."""
+    with db.connection(autocommit=True) as conn:
+        row, templates_version = find_model(conn, ref)
+    if row is None:
+        raise NotFound(f"model {ref} does not exist")
+    return row, templates_version
 
 
 def generate(db: Database, settings: Settings, model: dict, *, prompt: str | None = None,

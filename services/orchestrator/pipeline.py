@@ -30,7 +30,7 @@ from services.common.http import http_session
 from services.optimizer.performance import log_performance
 from services.orchestrator import request_queue
 from services.orchestrator.request_queue import Holder
-from services.orchestrator.generation import resolve_model
+from services.orchestrator.generation import named_model
 from services.orchestrator.lifecycle import lease_runtime, leased_runtime, release_runtime
 from services.orchestrator.protocols import (Generation, ModelServerTimeout, Options,
                                              client_for)
@@ -449,10 +449,11 @@ def selection_request(request: DispatchRequest) -> SelectionRequest:
 
 def pinned_selection(db: Database, request: DispatchRequest) -> Selection:
     """The one model the caller named, as a selection of one (no scoring)."""
-    model = resolve_model(db, model=request.model)
+    model, templates_version = named_model(db, request.model)
     return Selection(task_type=request.task_type, complexity=request.complexity, weights={},
                      eligible_count=1, candidates=[Candidate(model=model, score=1.0, breakdown={},
-                                                             data={"pinned": True})])
+                                                             data={"pinned": True})],
+                     templates_version=templates_version)
 
 
 def run_attempt(db: Database, settings: Settings, request_id: str, request: DispatchRequest,

@@ -36,16 +36,6 @@ def get_model(conn: psycopg.Connection, model_id: str) -> dict | None:
     return _one(conn, "SELECT * FROM model_registry WHERE id = %(id)s", {"id": model_id})
 
 
-def find_model(conn: psycopg.Connection, name: str, version: str | None) -> dict | None:
-    """An active model by name (and version); without a version, the newest one."""
-    return _one(conn, """
-        SELECT * FROM model_registry
-        WHERE name = %(name)s AND (%(version)s::text IS NULL OR version = %(version)s) AND active
-        ORDER BY created_at DESC, version DESC
-        LIMIT 1
-    """, {"name": name, "version": version})
-
-
 # Locks: held until the end of the current transaction.
 def lock_model_start(conn: psycopg.Connection, model_id: str) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(id)s))",

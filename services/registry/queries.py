@@ -109,7 +109,7 @@ def selection_state(conn: psycopg.Connection) -> dict:
 def selection_facts(conn: psycopg.Connection) -> list[dict]:
     """Every model with its priors and its measured 24-hour figures, ordered by name and version."""
     return conn.execute("""
-        SELECT m.id, m.name, m.version, m.task_types, m.complexity_score,
+        SELECT m.id, m.name, m.version, m.created_at, m.task_types, m.complexity_score,
                m.base_memory_requirement, m.runtime_driver, m.tags, m.active,
                p.avg_latency_ms AS prior_avg_latency_ms, p.p95_latency_ms AS prior_p95_latency_ms,
                p.accuracy AS prior_accuracy, p.success_rate AS prior_success_rate,

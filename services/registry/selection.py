@@ -147,6 +147,10 @@ class Catalogue:
     def __init__(self, rows: list[dict]) -> None:
         self.ids = [row["id"] for row in rows]
         self.refs = np.array([f"{row['name']}:{row['version']}" for row in rows], dtype=object)
+        # Newest first (created_at, then version, both descending), as a name alone means the newest.
+        self.versions_of: dict[str, list[int]] = {}
+        for i in sorted(range(len(rows)), key=lambda i: (rows[i]["created_at"], rows[i]["version"]), reverse=True):
+            self.versions_of.setdefault(rows[i]["name"], []).append(i)
         self.position = {ref: i for i, ref in enumerate(self.refs)}
         self.position.update((str(model_id), i) for i, model_id in enumerate(self.ids))
         self.serves = _membership(rows, "task_types")
@@ -181,6 +185,13 @@ class Catalogue:
         if missing:
             self._rows.update((row["id"], row) for row in queries.get_models(conn, missing))
         return {model_id: self._rows[model_id] for model_id in ids if model_id in self._rows}
+
+    def named(self, name: str, version: str | None) -> uuid.UUID | None:
+        """The active model name:version, or without a version the newest active one of the name."""
+        for i in self.versions_of.get(name, ()):
+            if self.active[i] and (version is None or self.refs[i] == f"{name}:{version}"):
+                return self.ids[i]
+        return None
 
     def marked(self, refs: Iterable[str]) -> np.ndarray:
         """The models named by id (lower-case text) or name:version."""
@@ -244,6 +255,17 @@ def select_models(conn: psycopg.Connection, request: SelectionRequest,
         selection = _rank(conn, request, settings, state)
         _rankings.put(key, selection)
     return selection
+
+
+def find_model(conn: psycopg.Connection, ref: str) -> tuple[dict | None, str]:
+    """The active model `ref` names ("name:version", or "name": its newest active version), and the
+    templates version: from the in-memory catalogue, after the one read every selection makes."""
+    state = queries.selection_state(conn)
+    catalogue = _catalogues.get(conn, (state["catalogue_version"], state["refreshed_at"]))
+    name, _, version = ref.partition(":")
+    model_id = catalogue.named(name, version or None)
+    model = catalogue.rows(conn, [model_id]).get(model_id) if model_id else None
+    return model, state["templates_version"]
 
 
 def _request_key(request: SelectionRequest) -> tuple:

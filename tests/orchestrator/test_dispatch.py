@@ -91,11 +91,14 @@ def test_a_dispatch_answers_with_the_decision_and_leaves_a_record(client, conn, 
          "error_class": None, "template_version": 1, "output_tokens": 5}]
 
 
-def test_a_warm_dispatch_takes_three_statements(client, conn, fake_server, monkeypatch):
-    """The hot path's round trips: what changed since the last selection; record the request while
-    counting its runtime busy; release the runtime, log the attempt and complete the request."""
-    served_by(conn, fake_server)
-    assert client.post("/dispatch", json=dispatch_body()).status_code == 200   # starts the runtime
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_warm_dispatch_takes_three_statements(client, conn, fake_server, monkeypatch, pinned):
+    """The hot path's round trips: what changed since the last selection (catalogue, templates, warm
+    runtimes; a pinned model is found in the catalogue too); record the request while counting its
+    runtime busy; release the runtime, log the attempt and complete the request."""
+    model = served_by(conn, fake_server)
+    body = dispatch_body(model=model["name"]) if pinned else dispatch_body()
+    assert client.post("/dispatch", json=body).status_code == 200   # starts the runtime
     statements = []
     execute = psycopg.Connection.execute
 
@@ -104,7 +107,7 @@ def test_a_warm_dispatch_takes_three_statements(client, conn, fake_server, monke
         return execute(self, query, *args, **kwargs)
 
     monkeypatch.setattr(psycopg.Connection, "execute", counted)
-    response = client.post("/dispatch", json=dispatch_body())
+    response = client.post("/dispatch", json=body)
 
     assert response.status_code == 200
     assert len(statements) == 3, statements

@@ -15,6 +15,7 @@ from services.orchestrator import create_app, lifecycle, queries
 from services.orchestrator.protocols import Options, client_for
 from services.orchestrator.runtimes import driver_for
 from services.orchestrator.runtimes.process import process_start_time
+from services.registry.selection import find_model
 
 pytestmark = pytest.mark.real_model
 
@@ -23,7 +24,7 @@ OPTIONS = Options(max_tokens=8, temperature=0.0, seed=1)
 
 @pytest.fixture
 def smollm2(conn) -> dict:
-    return queries.find_model(conn, "smollm2", None)
+    return find_model(conn, "smollm2")[0]
 
 
 def generate(model: dict, runtime: dict) -> dict:
@@ -75,7 +76,7 @@ def test_a_killed_server_is_restarted_by_the_health_check(db, conn, smollm2, set
 
 def test_concurrent_ensure_starts_one_server(pooled_db, fresh_settings):
     with pooled_db.connection() as conn:
-        model = queries.find_model(conn, "smollm2", None)
+        model = find_model(conn, "smollm2")[0]
     results: list = []
     threads = [threading.Thread(target=lambda: results.append(
         lifecycle.ensure_runtime(pooled_db, model["id"], fresh_settings)["id"])) for _ in range(4)]
@@ -143,7 +144,7 @@ def test_the_memory_limit_is_applied(db, conn, smollm2, settings):
 
 
 def test_gemma3_is_assembled_from_its_parts_once_then_served(db, conn, settings):
-    gemma3 = queries.find_model(conn, "gemma3", None)
+    gemma3 = find_model(conn, "gemma3")[0]
     assembled = Path(settings.models_dir) / gemma3["runtime_config"]["model_file"]
     assert not assembled.exists()
 

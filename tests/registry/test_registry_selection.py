@@ -240,6 +240,19 @@ def test_a_repeated_request_on_the_same_state_is_ranked_once(empty, monkeypatch)
     assert len(rankings) == 4
 
 
+def test_a_name_finds_its_newest_active_version(empty):
+    older = summarizer(empty, "named", version="1")
+    newer = summarizer(empty, "named", version="2")
+    empty.execute("UPDATE model_registry SET created_at = created_at - interval '1 day' WHERE id = %s",
+                  (older["id"],))
+    found = lambda ref: (selection.find_model(empty, ref)[0] or {}).get("version")
+    assert (found("named"), found("named:1"), found("named:3"), found("other")) == ("2", "1", None, None)
+    empty.execute("UPDATE model_registry SET active = false WHERE id = %s", (newer["id"],))
+    assert (found("named"), found("named:2")) == ("1", None)
+    versions = [row["version"] for row in empty.execute("SELECT version::text FROM prompt_templates_version")]
+    assert selection.find_model(empty, "named")[1] == versions[0]
+
+
 def test_select_over_http_on_the_seeded_catalogue(client):
     response = client.post("/select", json={"task_type": "text-generation", "complexity": "low",
                                             "limit": 1})
