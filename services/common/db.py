@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import select
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Protocol
@@ -89,14 +90,18 @@ class PooledDatabase:
 
 
 class SingleConnectionDatabase:
-    """One caller-owned connection; each `connection()` is a savepoint (used by tests, scripts)."""
+    """One caller-owned connection; each `connection()` is a savepoint (used by tests, scripts).
+
+    Threads take turns (a lease renewer's savepoint must not interleave with the caller's).
+    """
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self.conn = conn
+        self._turn = threading.RLock()
 
     @contextmanager
     def connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
-        with self.conn.transaction():
+        with self._turn, self.conn.transaction():
             yield self.conn
 
     def close(self) -> None:

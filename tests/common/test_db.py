@@ -1,12 +1,13 @@
 """The pool's connections: the round-trip-free liveness check, and autocommit blocks."""
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg
 import pytest
 
-from services.common.db import PooledDatabase, check_idle_connection, connect
+from services.common.db import PooledDatabase, SingleConnectionDatabase, check_idle_connection, connect
 
 
 @pytest.fixture
@@ -56,3 +57,23 @@ def test_an_autocommit_block_commits_each_statement_and_gives_the_connection_bac
         conn.rollback()
         assert conn.execute("SELECT array_agg(n) AS ns FROM autocommit_probe").fetchone() == {"ns": [1]}
         conn.execute("DROP TABLE autocommit_probe")
+
+
+def test_threads_take_turns_on_a_single_connection(conn):
+    """A background thread (the lease renewer) must not open a savepoint inside the caller's."""
+    db, order = SingleConnectionDatabase(conn), []
+
+    def other() -> None:
+        with db.connection() as other_conn:
+            other_conn.execute("SELECT 1")
+            order.append("other")
+
+    with db.connection() as main_conn:
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(0.2)
+        assert thread.is_alive()
+        main_conn.execute("SELECT 1")
+        order.append("main")
+    thread.join(5)
+    assert order == ["main", "other"]
