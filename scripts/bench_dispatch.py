@@ -126,18 +126,30 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-            self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.writer.write(f"{method} {path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n"
-                          .encode() + body)
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        reused = self.writer is not None
+        try:
+            head = await self._send(method, path, body)
+        except asyncio.IncompleteReadError as error:
+            if not reused or error.partial:
+                raise
+            # The server closed the kept-alive connection as the request went out (an idle
+            # timeout): send it again on a new one, as HTTP clients do.
+            self.close()
+            head = await self._send(method, path, body)
         if b"transfer-encoding: chunked" in head.lower():
             raise RuntimeError(f"{path} answered chunked; this client reads Content-Length answers only")
         answer = await self.reader.readexactly(_content_length(head))
         if b"connection: close" in head.lower():
             self.close()
         return int(head.split(b" ", 2)[1]), answer
+
+    async def _send(self, method: str, path: str, body: bytes) -> bytes:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.writer.write(f"{method} {path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n"
+                          .encode() + body)
+        return await self.reader.readuntil(b"\r\n\r\n")
 
     def close(self) -> None:
         if self.writer is not None:

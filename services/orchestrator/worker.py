@@ -60,6 +60,9 @@ class WorkerPool:
             row = request_queue.claim_next(conn, owner=owner, lease_seconds=self.settings.queue_lease_s)
         if row is None:
             return False
+        # This request's NOTIFY is spent: without this, every wake-up left over from a busy spell
+        # would cost an empty claim once the queue runs dry.
+        self.wakeups.acquire(blocking=False)
         try:
             run_queued_request(self.db, self.settings, row, owner=owner)
         except Exception:

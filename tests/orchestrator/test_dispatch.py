@@ -382,6 +382,19 @@ def test_async_dispatch_is_queued_run_by_a_worker_and_readable(client, conn, db,
     assert status["result"]["response"] == "Hello from the fake model."
 
 
+def test_a_claimed_request_spends_its_wake_up(client, conn, db, fake_server):
+    served_by(conn, fake_server)
+    for _ in range(2):
+        assert client.post("/dispatch", json=dispatch_body(**{"async": True})).status_code == 202
+    pool = WorkerPool(db, client.application.extensions["settings"], workers=1)
+    pool.wakeups.release(2)          # the two NOTIFYs, as the listener turns them into wake-ups
+
+    assert pool.run_once() is True
+    assert pool.run_once() is True
+    # Nothing left to wake up for: an idle worker sleeps instead of claiming from an empty queue.
+    assert pool.wakeups.acquire(blocking=False) is False
+
+
 def test_prefer_respond_async_queues_too(client, conn):
     response = client.post("/dispatch", json=dispatch_body(), headers={"Prefer": "respond-async"})
     assert response.status_code == 202
