@@ -11,6 +11,7 @@ from typing import Protocol
 
 import psycopg
 from flask import current_app
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_dumps
 from psycopg_pool import ConnectionPool
@@ -101,8 +102,18 @@ class SingleConnectionDatabase:
 
     @contextmanager
     def connection(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+        raised = None
         with self._turn, self.conn.transaction():
-            yield self.conn
+            try:
+                yield self.conn
+            except Exception as error:
+                # As in autocommit, what the block wrote stays when it raises afterwards; only a
+                # failed statement undoes the block.
+                if not autocommit or self.conn.info.transaction_status == TransactionStatus.INERROR:
+                    raise
+                raised = error
+        if raised is not None:
+            raise raised
 
     def close(self) -> None:
         pass

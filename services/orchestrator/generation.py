@@ -25,11 +25,11 @@ def resolve_model(db: Database, *, model_id: str | None = None, model: str | Non
     return row
 
 
-def named_model(db: Database, ref: str) -> tuple[dict, str]:
+def named_model(db: Database, ref: str, state: dict | None = None) -> tuple[dict, str]:
     """The active model "name:version" or "name" (its newest active version) names, and the
-    templates version read with it (one read: the catalogue is in memory)."""
+    templates version, on the selection `state` (read now if not given; the catalogue is in memory)."""
     with db.connection(autocommit=True) as conn:
-        row, templates_version = find_model(conn, ref)
+        row, templates_version = find_model(conn, ref, state)
     if row is None:
         raise NotFound(f"model {ref} does not exist")
     return row, templates_version

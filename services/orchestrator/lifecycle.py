@@ -23,6 +23,7 @@ from services.common.errors import Conflict, NotFound, Problem, ServiceUnavailab
 from services.orchestrator import queries, request_queue
 from services.orchestrator.request_queue import Holder
 from services.registry.resources import right_size
+from services.registry.selection import checked_state
 from services.orchestrator.protocols import OllamaClient, server_ready, served_model_name
 from services.orchestrator.runtimes import (Allocation, DriverError, RuntimeDriver, RuntimeStartError,
                                             driver_for)
@@ -109,16 +110,21 @@ def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: H
 
 
 def lease_runtime(db: Database, model_id: str, settings: Settings, *, holder: Holder | None = None,
-                  attempts: int = 3) -> dict:
+                  selection_state: dict | None = None, attempts: int = 3) -> dict:
     """A ready runtime of the model, counted busy until `release_runtime`.
 
     With a `holder`, its request notes the model and runtime in the same statement that counts it,
     and only while the holder keeps its lease (LeaseLost otherwise); a holder's admission (a sync
     request not recorded yet) is recorded by that statement, whether a warm runtime was free or not.
+    With the `selection_state` the model was selected on, that statement counts nothing if the
+    state has changed since, and StaleSelection says the current one.
     """
     for _ in range(attempts):
         with db.connection(autocommit=True) as conn:
-            runtime = queries.acquire_warm(conn, model_id, holder)
+            runtime = queries.acquire_warm(conn, model_id, holder, selection_state)
+            if selection_state is not None:
+                checked_state(runtime)
+                runtime, selection_state = (runtime if runtime["id"] is not None else None), None
             if not runtime and holder and not request_queue.lease_held(conn, holder):
                 raise request_queue.LeaseLost(f"request {holder.request_id} was taken back from this worker "
                                               "(its lease expired)", dispatch_id=holder.request_id)

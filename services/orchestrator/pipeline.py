@@ -36,7 +36,8 @@ from services.orchestrator.protocols import (Generation, ModelServerTimeout, Opt
                                              client_for)
 from services.prompt_builder.formats import ParsedOutput, parse_output, repair_prompt
 from services.prompt_builder.templates import BuiltPrompt, PromptRequest, build_prompt
-from services.registry.selection import Candidate, Selection, SelectionRequest, select_models
+from services.registry.selection import (Candidate, Selection, SelectionRequest, StaleSelection, last_state,
+                                         select_models)
 
 logger = logging.getLogger(__name__)
 
@@ -289,31 +290,38 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
     them), and the statement releasing the answering attempt's runtime completes the request.
     """
     started = time.perf_counter()
-    selection = _select(db, settings, request)
+    selection, state = _select_unread(db, settings, request)
     selection_ms = _ms_since(started)
 
     def answer(outcome: Outcome) -> dict:
         return _answer(request_id, request, selection, outcome, attempts, selection_ms=selection_ms,
                        total_ms=_ms_since(started), queue_wait_ms=queue_wait_ms)
 
-    candidates = selection.candidates
     attempts: list[Attempt] = []
     index, repair_of = 0, None
     while len(attempts) <= request.max_retries:
-        candidate = candidates[index % len(candidates)]
+        candidate = selection.candidates[index % len(selection.candidates)]
         attempt = Attempt(number=len(attempts) + 1, model=_label(candidate.model),
                           model_id=str(candidate.model["id"]), repair=repair_of is not None)
         attempts.append(attempt)
-        outcome = run_attempt(db, settings, request_id, request, candidate, attempt,
-                              repair_of=repair_of, queue_wait_ms=queue_wait_ms, holder=holder, answer=answer,
-                              templates_version=selection.templates_version)
+        try:
+            outcome = run_attempt(db, settings, request_id, request, candidate, attempt, repair_of=repair_of,
+                                  queue_wait_ms=queue_wait_ms, holder=holder, answer=answer,
+                                  templates_version=selection.templates_version, selection_state=state)
+        except StaleSelection as stale:  # nothing was run: start over on the current state
+            selection, state = _select(db, settings, request, stale.state), None
+            attempts.clear()
+            index, repair_of = 0, None
+            continue
+        if attempt.runtime_id is not None:
+            state = None  # checked
         if attempt.outcome == "ok":
             return outcome
         if attempt.outcome == "invalid_output" and repair_of is None:
             repair_of = outcome       # same model, once, with what was wrong
             continue
         repair_of = None
-        index = _next_candidate(candidates, index, escalate=attempt.outcome == "invalid_output")
+        index = _next_candidate(selection.candidates, index, escalate=attempt.outcome == "invalid_output")
     raise DispatchFailed(request_id, attempts)
 
 
@@ -431,11 +439,26 @@ def _record_failure(db: Database, row: dict, owner: str, error_details: dict) ->
         request_queue.fail(conn, str(row["id"]), owner=owner, error_details=error_details)
 
 
-def _select(db: Database, settings: Settings, request: DispatchRequest) -> Selection:
+def _select_unread(db: Database, settings: Settings, request: DispatchRequest) -> tuple[Selection, dict | None]:
+    """The selection on the state this process saw last, without reading it, and that state, which
+    the first lease is to check; on a state read now (and None) if there is none, or none passes."""
+    state = last_state()
+    if state is not None:
+        try:
+            selection = _select(db, settings, request, state)
+        except Problem:  # no model, or none that fits: perhaps only in an old catalogue
+            selection = None
+        if selection and selection.candidates:  # none: its models are gone, the state is old
+            return selection, state
+    return _select(db, settings, request), None
+
+
+def _select(db: Database, settings: Settings, request: DispatchRequest, state: dict | None = None) -> Selection:
+    """The selection on `state`, or on the state read now."""
     if request.model:
-        return pinned_selection(db, request)
+        return pinned_selection(db, request, state)
     with db.connection(autocommit=True) as conn:  # reads only
-        return select_models(conn, selection_request(request), settings)
+        return select_models(conn, selection_request(request), settings, state)
 
 
 def selection_request(request: DispatchRequest) -> SelectionRequest:
@@ -447,9 +470,9 @@ def selection_request(request: DispatchRequest) -> SelectionRequest:
     )
 
 
-def pinned_selection(db: Database, request: DispatchRequest) -> Selection:
+def pinned_selection(db: Database, request: DispatchRequest, state: dict | None = None) -> Selection:
     """The one model the caller named, as a selection of one (no scoring)."""
-    model, templates_version = named_model(db, request.model)
+    model, templates_version = named_model(db, request.model, state)
     return Selection(task_type=request.task_type, complexity=request.complexity, weights={},
                      eligible_count=1, candidates=[Candidate(model=model, score=1.0, breakdown={},
                                                              data={"pinned": True})],
@@ -460,10 +483,12 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
                 candidate: Candidate, attempt: Attempt, *, repair_of: Outcome | None,
                 queue_wait_ms: float, holder: Holder | None = None,
                 answer: Callable[[Outcome], dict] | None = None,
-                templates_version: str | None = None) -> Outcome:
+                templates_version: str | None = None, selection_state: dict | None = None) -> Outcome:
     """One model, one runtime, one generation, checked; logged by the statement that releases the runtime.
 
     When it succeeds, `answer` makes the result, which that statement records as the request's end.
+    With the `selection_state` the model was selected on, StaleSelection before anything ran if
+    that state is no longer current.
     """
     model = candidate.model
     outcome = Outcome(attempt=attempt)
@@ -472,7 +497,7 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
         with db.connection(autocommit=True) as conn:  # reads only when the templates are not in memory
             outcome.built = build_prompt(conn, prompt_request(request, model),
                                          templates_version=templates_version)
-        runtime = lease_runtime(db, model["id"], settings, holder=holder)
+        runtime = lease_runtime(db, model["id"], settings, holder=holder, selection_state=selection_state)
     except Problem as error:  # no prompt, or no runtime to run it on
         attempt.outcome, attempt.error = "start_failed", error.detail
         attempt.duration_ms = _ms_since(started)

@@ -6,6 +6,7 @@ from psycopg.types.json import Jsonb
 
 from services.common.db import UNFLUSHED
 from services.optimizer.queries import INSERT_PERFORMANCE, performance_rows
+from services.registry.queries import SELECTION_STATE, SELECTION_STATE_UNCHANGED, selection_state_params
 from services.orchestrator.request_queue import Holder
 
 # Advisory lock namespaces (the first key of the two-key form); the second key is a hash.
@@ -260,60 +261,74 @@ def acquire(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = N
     return _acquire(conn, "%(id)s", {"id": runtime_id}, holder)
 
 
-def acquire_warm(conn: psycopg.Connection, model_id: str, holder: Holder | None = None) -> dict | None:
+def acquire_warm(conn: psycopg.Connection, model_id: str, holder: Holder | None = None,
+                 selection_state: dict | None = None) -> dict | None:
     """Count a request on the least-loaded running runtime of a model, in one statement."""
     return _acquire(conn, """(SELECT id FROM container_lifecycle
                               WHERE model_id = %(model_id)s AND status = 'running'
                               ORDER BY health_status = 'healthy' DESC, active_requests, total_requests, id
-                              LIMIT 1)""", {"model_id": model_id}, holder)
+                              LIMIT 1)""", {"model_id": model_id}, holder, selection_state)
 
 
-def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder | None) -> dict | None:
-    """The runtime `target` selects, counted busy; with a holder, only while its request's lease is
-    held, and noted on the request in the same statement (which locks the request first, then the
-    runtime: the order reclaiming an expired lease takes them in too)."""
-    # With a holder, unflushed: a busy count lost in a crash of Postgres went with the request that
-    # held it. Without one, durable: a lost count would make a busy runtime look idle.
-    def acquired(condition: str = "") -> str:
-        return f"""
+def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder | None,
+             selection_state: dict | None = None) -> dict | None:
+    """The runtime `target` selects, counted busy.
+
+    With a holder, only while its request's lease is held, and noted on the request in the same
+    statement (which locks the request first, then the runtime: the order reclaiming an expired
+    lease takes them in too); a holder's admission (a sync request not recorded yet) is recorded by
+    it, whether a runtime was free or not. With the `selection_state` the caller selected on, only if
+    that state is still current: the row then always comes, with the current state's columns and
+    `state_unchanged` (and the runtime's columns all NULL when none was counted).
+    """
+    ctes, condition, params = [], "", dict(params)
+    if holder is not None:
+        # Unflushed: a busy count lost in a crash of Postgres went with the request that held it.
+        # Without a holder, durable: a lost count would make a busy runtime look idle.
+        ctes.append(UNFLUSHED)
+    if selection_state is not None:
+        ctes.append(f"state AS MATERIALIZED ({SELECTION_STATE})")
+        condition += f" AND EXISTS (SELECT 1 FROM state WHERE {SELECTION_STATE_UNCHANGED})"
+        params.update(selection_state_params(selection_state))
+    if holder is not None and not holder.unrecorded:
+        ctes.append("""held AS (SELECT id FROM request_queue
+                                WHERE id = %(request_id)s AND lease_owner = %(owner)s AND status = 'processing'
+                                FOR UPDATE)""")
+        condition += " AND EXISTS (SELECT 1 FROM held)"
+        params.update(request_id=holder.request_id, owner=holder.owner)
+    ctes.append(f"""acquired AS (
         UPDATE container_lifecycle
         SET active_requests = active_requests + 1, total_requests = total_requests + 1, last_activity = now()
-        {"FROM unflushed" if holder else ""}
+        {"FROM unflushed" if holder is not None else ""}
         WHERE id = {target} AND status = 'running' {condition}
-        RETURNING container_lifecycle.*"""
-    if holder is None:
-        return _one(conn, acquired(), params)
-    if holder.unrecorded:
-        runtime = _admit(conn, acquired(), {**params, **holder.admission.params(holder.request_id, holder.owner)})
+        RETURNING container_lifecycle.*)""")
+    if holder is not None and holder.unrecorded:
+        ctes.append(ADMITTED)
+        params.update(holder.admission.params(holder.request_id, holder.owner))
+    elif holder is not None:
+        ctes.append("""noted AS (UPDATE request_queue q
+                                 SET assigned_model_id = a.model_id, assigned_runtime_id = a.id, holds_runtime = true
+                                 FROM acquired a, held h
+                                 WHERE q.id = h.id)""")
+    result = "SELECT * FROM acquired"
+    if selection_state is not None:
+        result = f"""SELECT a.*, s.*, {SELECTION_STATE_UNCHANGED} AS state_unchanged
+                     FROM state s LEFT JOIN acquired a ON true"""
+    row = _one(conn, f"WITH {', '.join(ctes)} {result}", params)
+    if holder is not None and holder.unrecorded:
         holder.admission.recorded = True
-        return runtime
-    return _one(conn, f"""
-        WITH {UNFLUSHED},
-             held AS (SELECT id FROM request_queue
-                      WHERE id = %(request_id)s AND lease_owner = %(owner)s AND status = 'processing'
-                      FOR UPDATE),
-             acquired AS ({acquired("AND EXISTS (SELECT 1 FROM held)")}),
-             noted AS (UPDATE request_queue q
-                       SET assigned_model_id = a.model_id, assigned_runtime_id = a.id, holds_runtime = true
-                       FROM acquired a, held h
-                       WHERE q.id = h.id)
-        SELECT * FROM acquired""", {**params, "request_id": holder.request_id, "owner": holder.owner})
+    return row
 
 
-def _admit(conn: psycopg.Connection, acquired: str, params: dict) -> dict | None:
-    """Record a sync request (processing, leased) holding the runtime that `acquired` counts busy, if any."""
-    return _one(conn, f"""
-        WITH {UNFLUSHED},
-             acquired AS ({acquired}),
-             admitted AS (INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status,
-                                                     attempts, lease_owner, lease_expires_at, started_at, callback_url,
-                                                     callback_headers, assigned_model_id, assigned_runtime_id,
-                                                     holds_runtime)
-                          SELECT %(request_id)s, %(payload)s, %(task_type)s, %(priority)s, 'sync', 'processing', 1,
-                                 %(owner)s, now() + make_interval(secs => %(lease)s), now(), %(callback_url)s,
-                                 %(callback_headers)s, a.model_id, a.id, a.id IS NOT NULL
-                          FROM unflushed LEFT JOIN acquired a ON true)
-        SELECT * FROM acquired""", params)
+# Records a sync request (processing, leased) holding the runtime `acquired` counted busy, if any.
+ADMITTED = """admitted AS (
+    INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status, attempts, lease_owner,
+                               lease_expires_at, started_at, callback_url, callback_headers,
+                               assigned_model_id, assigned_runtime_id, holds_runtime)
+    SELECT %(request_id)s, %(payload)s, %(task_type)s, %(priority)s, 'sync', 'processing', 1, %(owner)s,
+           now() + make_interval(secs => %(lease)s), now(), %(callback_url)s, %(callback_headers)s,
+           a.model_id, a.id, a.id IS NOT NULL
+    FROM unflushed LEFT JOIN acquired a ON true)"""
 
 
 def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = None,

@@ -94,16 +94,32 @@ def model_history(conn: psycopg.Connection, model_id: UUID) -> dict:
     """, {"id": model_id}).fetchone()
 
 
+# What may change between two selections: the catalogue, the measured figures, warm runtimes; and
+# the version of the prompt templates, which the dispatch's attempts build their prompts from.
+SELECTION_STATE = """
+    SELECT (SELECT version FROM model_registry_version) AS catalogue_version,
+           (SELECT version::text FROM prompt_templates_version) AS templates_version,
+           (SELECT refreshed_at FROM model_performance_summary LIMIT 1) AS refreshed_at,
+           ARRAY(SELECT DISTINCT model_id FROM container_lifecycle
+                 WHERE status = 'running' AND health_status <> 'unhealthy' ORDER BY model_id)::text[]
+               AS warm_model_ids
+"""
+
+# Over a row of SELECTION_STATE: whether it is the state given by `selection_state_params`.
+SELECTION_STATE_UNCHANGED = """
+    (catalogue_version, templates_version, refreshed_at, warm_model_ids) IS NOT DISTINCT FROM
+    (%(state_catalogue_version)s::uuid, %(state_templates_version)s::text,
+     %(state_refreshed_at)s::timestamptz, %(state_warm_model_ids)s::text[])
+"""
+
+
 def selection_state(conn: psycopg.Connection) -> dict:
-    """What may change between two selections: the catalogue, the measured figures, warm runtimes;
-    and the version of the prompt templates, which the dispatch's attempts build their prompts from."""
-    return conn.execute("""
-        SELECT (SELECT version FROM model_registry_version) AS catalogue_version,
-               (SELECT version::text FROM prompt_templates_version) AS templates_version,
-               (SELECT refreshed_at FROM model_performance_summary LIMIT 1) AS refreshed_at,
-               ARRAY(SELECT DISTINCT model_id::text FROM container_lifecycle
-                     WHERE status = 'running' AND health_status <> 'unhealthy') AS warm_model_ids
-    """).fetchone()
+    return conn.execute(SELECTION_STATE).fetchone()
+
+
+def selection_state_params(state: dict) -> dict:
+    """The parameters of SELECTION_STATE_UNCHANGED."""
+    return {f"state_{key}": value for key, value in state.items()}
 
 
 def selection_facts(conn: psycopg.Connection) -> list[dict]:

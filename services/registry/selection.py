@@ -244,10 +244,53 @@ RANKINGS_KEPT = 256
 _rankings = _RankingCache(RANKINGS_KEPT)
 
 
-def select_models(conn: psycopg.Connection, request: SelectionRequest,
-                  settings: Settings) -> Selection:
-    """Rank the models that can take `request`; raise NoCandidate when none can."""
+class StaleSelection(Exception):
+    """The selection state changed since a selection was made on it: select again, on `state`."""
+
+    def __init__(self, state: dict) -> None:
+        super().__init__("the selection state has changed")
+        self.state = state
+
+
+STATE_COLUMNS = ("catalogue_version", "templates_version", "refreshed_at", "warm_model_ids")
+_last_state: dict | None = None
+
+
+def last_state() -> dict | None:
+    """The selection state this process saw last (read, or returned by a lease that checked it).
+
+    A dispatch selects on it without reading the state first when the statement leasing its
+    runtime checks that it is still current (StaleSelection otherwise): a round trip less.
+    """
+    return _last_state
+
+
+def remember_state(state: dict) -> None:
+    global _last_state
+    _last_state = state
+
+
+def checked_state(row: dict) -> dict:
+    """Take the selection state's columns out of a row of a statement that checked it (and
+    remember that state); StaleSelection if it was no longer the one checked."""
+    state = {key: row.pop(key) for key in STATE_COLUMNS}
+    remember_state(state)
+    if not row.pop("state_unchanged"):
+        raise StaleSelection(state)
+    return state
+
+
+def read_state(conn: psycopg.Connection) -> dict:
     state = queries.selection_state(conn)
+    remember_state(state)
+    return state
+
+
+def select_models(conn: psycopg.Connection, request: SelectionRequest, settings: Settings,
+                  state: dict | None = None) -> Selection:
+    """Rank the models that can take `request`, on `state` (read now if not given); raise
+    NoCandidate when none can."""
+    state = state if state is not None else read_state(conn)
     key = (state["catalogue_version"], state["refreshed_at"], tuple(sorted(state["warm_model_ids"])),
            state["templates_version"], _request_key(request), tuple(settings.runtime_drivers))
     selection = _rankings.get(key)
@@ -257,10 +300,10 @@ def select_models(conn: psycopg.Connection, request: SelectionRequest,
     return selection
 
 
-def find_model(conn: psycopg.Connection, ref: str) -> tuple[dict | None, str]:
+def find_model(conn: psycopg.Connection, ref: str, state: dict | None = None) -> tuple[dict | None, str]:
     """The active model `ref` names ("name:version", or "name": its newest active version), and the
-    templates version: from the in-memory catalogue, after the one read every selection makes."""
-    state = queries.selection_state(conn)
+    templates version: from the in-memory catalogue of `state` (read now if not given)."""
+    state = state if state is not None else read_state(conn)
     catalogue = _catalogues.get(conn, (state["catalogue_version"], state["refreshed_at"]))
     name, _, version = ref.partition(":")
     model_id = catalogue.named(name, version or None)

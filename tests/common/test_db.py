@@ -77,3 +77,16 @@ def test_threads_take_turns_on_a_single_connection(conn):
         order.append("main")
     thread.join(5)
     assert order == ["main", "other"]
+
+
+def test_a_single_connection_keeps_an_autocommit_blocks_writes_when_it_raises_after_them(conn):
+    """As a pooled connection in autocommit does: a statement that ran has committed."""
+    db = SingleConnectionDatabase(conn)
+    conn.execute("CREATE TEMP TABLE autocommit_kept (n int)")
+    for autocommit, n in ((True, 1), (False, 2)):
+        with pytest.raises(LookupError), db.connection(autocommit=autocommit) as block:
+            block.execute("INSERT INTO autocommit_kept VALUES (%s)", (n,))
+            raise LookupError("after the write")
+    with pytest.raises(psycopg.errors.DivisionByZero), db.connection(autocommit=True) as block:
+        block.execute("SELECT 1 / 0")
+    assert conn.execute("SELECT array_agg(n) AS ns FROM autocommit_kept").fetchone() == {"ns": [1]}

@@ -187,7 +187,7 @@ def test_a_queued_request_calls_back_with_its_headers_which_nothing_shows(client
 def test_a_sync_request_calls_back_with_its_headers_too(client, conn, served, receiver):
     answered = client.post("/dispatch", json=dispatch_body(receiver.url))
 
-    assert answered.status_code == 200 and "s3cret" not in answered.get_data(as_text=True)
+    assert answered.status_code == 200 and "s3cret" not in answered.get_data(as_text=True), answered.get_data(as_text=True)
     assert receiver.bodies == [answered.get_json()]
     assert (receiver.headers[0]["Authorization"], receiver.headers[0]["X-Resume-Key"]) == (SECRET, "second s3cret")
     assert stored(conn, answered.get_json()["request_id"])["callback_headers"] is None

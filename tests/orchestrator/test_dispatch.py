@@ -91,14 +91,7 @@ def test_a_dispatch_answers_with_the_decision_and_leaves_a_record(client, conn, 
          "error_class": None, "template_version": 1, "output_tokens": 5}]
 
 
-@pytest.mark.parametrize("pinned", [False, True])
-def test_a_warm_dispatch_takes_three_statements(client, conn, fake_server, monkeypatch, pinned):
-    """The hot path's round trips: what changed since the last selection (catalogue, templates, warm
-    runtimes; a pinned model is found in the catalogue too); record the request while counting its
-    runtime busy; release the runtime, log the attempt and complete the request."""
-    model = served_by(conn, fake_server)
-    body = dispatch_body(model=model["name"]) if pinned else dispatch_body()
-    assert client.post("/dispatch", json=body).status_code == 200   # starts the runtime
+def counted_statements(monkeypatch) -> list[str]:
     statements = []
     execute = psycopg.Connection.execute
 
@@ -107,12 +100,47 @@ def test_a_warm_dispatch_takes_three_statements(client, conn, fake_server, monke
         return execute(self, query, *args, **kwargs)
 
     monkeypatch.setattr(psycopg.Connection, "execute", counted)
+    return statements
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_warm_dispatch_takes_two_statements(client, conn, fake_server, monkeypatch, pinned):
+    """The hot path's round trips: record the request while counting its runtime busy, if what the
+    selection was made on is still current (catalogue, templates, warm runtimes: a pinned model is
+    found in the catalogue too); release the runtime, log the attempt and complete the request."""
+    model = served_by(conn, fake_server)
+    body = dispatch_body(model=model["name"]) if pinned else dispatch_body()
+    assert client.post("/dispatch", json=body).status_code == 200   # starts the runtime
+    assert client.post("/dispatch", json=body).status_code == 200   # sees it running
+    statements = counted_statements(monkeypatch)
     response = client.post("/dispatch", json=body)
 
     assert response.status_code == 200
-    assert len(statements) == 3, statements
+    assert len(statements) == 2, statements
     request_id = response.get_json()["request_id"]
     assert (queue_row(conn, request_id)["status"], len(performance_rows(conn, request_id))) == ("completed", 1)
+
+
+def test_a_selection_made_on_an_old_state_is_made_again_before_anything_runs(client, conn, fake_server):
+    """The state a dispatch selects on without reading it is checked by its first lease: a model
+    deactivated since is neither leased nor tried, and the request is not one attempt short."""
+    first = served_by(conn, fake_server, name="first-choice", complexity=2)
+    assert client.post("/dispatch", json=dispatch_body()).status_code == 200
+    assert client.post("/dispatch", json=dispatch_body()).status_code == 200
+    conn.execute("UPDATE model_registry SET active = false WHERE id = %s", (first["id"],))
+    second = served_by(conn, fake_server, name="second-choice", complexity=4)
+    busy_before = conn.execute("SELECT total_requests FROM container_lifecycle WHERE model_id = %s",
+                               (first["id"],)).fetchone()["total_requests"]
+
+    response = client.post("/dispatch", json=dispatch_body())
+
+    assert response.status_code == 200
+    answer = response.get_json()
+    assert (answer["model"]["id"], len(answer["attempts"])) == (str(second["id"]), 1)
+    assert first["name"] + ":1" not in [c["model"] for c in answer["decision"]["candidates"]]
+    assert conn.execute("SELECT total_requests FROM container_lifecycle WHERE model_id = %s",
+                        (first["id"],)).fetchone()["total_requests"] == busy_before
+    assert performance_rows(conn, answer["request_id"])[0]["model_id"] == second["id"]
 
 
 def busy_counts(conn, model: dict) -> list[int]:
