@@ -341,7 +341,12 @@ def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = N
     also completes the request (`completed` says whether it did: only while the lease is held).
     """
     params: dict = {"id": runtime_id}
-    steps, drop, completed = [], "1", "false"
+    steps, drop, completed, unflushed = [], "1", "false", False
+    if holder is not None and holder.admission is not None:
+        # A sync request's end is unflushed: its caller holds the answer; a crash of Postgres
+        # could lose the record of an answer given, never the answer (lease expiry then fails it).
+        steps.append(UNFLUSHED)
+        unflushed = True
     if holder is not None:
         # The lease owner too: after a reclaim, the request may hold this runtime for another worker.
         sets, condition = "holds_runtime = false", ""
@@ -364,7 +369,7 @@ def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = N
         {"WITH " + ", ".join(steps) if steps else ""}
         UPDATE container_lifecycle r
         SET active_requests = greatest(r.active_requests - {drop}, 0), last_activity = now()
-        FROM model_registry m
+        FROM model_registry m {", unflushed" if unflushed else ""}
         WHERE r.id = %(id)s AND m.id = r.model_id
         RETURNING r.id, r.model_id, r.active_requests, r.status, m.keep_alive_seconds, {completed} AS completed
     """, params)

@@ -110,6 +110,24 @@ def test_acquiring_for_a_request_notes_the_runtime_on_it_in_the_same_statement(c
     assert busy(conn, runtime["id"]) == 1
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_the_end_of_a_sync_request_is_unflushed_and_of_an_async_one_durable(conn, sync):
+    """The sync caller holds the answer; an async result exists nowhere else."""
+    runtime = running_runtime(conn)
+    admission = request_queue.Admission({**PAYLOAD, "priority": 100, "callback_url": None}, None, 30.0)
+    holder = Holder("5f0c7b7e-0000-4000-8000-000000000405", "worker-a", admission if sync else None)
+    if not sync:
+        sync_request(conn, holder.request_id, holder.owner)
+    queries.acquire_warm(conn, runtime["model_id"], holder)
+    conn.execute("SET LOCAL synchronous_commit = on")   # what the acquiring statement set, undone
+
+    ended = queries.release(conn, runtime["id"], holder, result={"response": "hi"})
+
+    assert ended["completed"] is True
+    expected = "off" if sync else "on"
+    assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == expected
+
+
 @pytest.mark.parametrize("acquire", [
     lambda conn, runtime, holder: queries.acquire_warm(conn, runtime["model_id"], holder),
     lambda conn, runtime, holder: queries.acquire(conn, runtime["id"], holder),
