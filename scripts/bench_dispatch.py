@@ -183,17 +183,21 @@ async def _call(connection: Connection, target: Target, payload: bytes) -> None:
         raise RuntimeError(f"{target.label} answered {status}: {answer[:300]!r}")
 
 
-async def sequential(target: Target, requests: int) -> list[float]:
-    """Latencies (s) of `requests` calls one after another, after a warm-up."""
-    connection, payload, samples = Connection(target.port, target.headers), target.payload, []
+async def sequential(targets: list[Target], requests: int) -> dict[str, list[float]]:
+    """Latencies (s) of `requests` calls per path, one call at a time, after a warm-up; the paths
+    are taken in turn, call by call, so a drift in the machine's speed falls on all of them alike."""
+    connections = [Connection(target.port, target.headers) for target in targets]
+    samples: dict[str, list[float]] = {target.label: [] for target in targets}
     try:
         for i in range(WARMUP + requests):
-            started = time.perf_counter()
-            await _call(connection, target, payload)
-            if i >= WARMUP:
-                samples.append(time.perf_counter() - started)
+            for target, connection in zip(targets, connections):
+                started = time.perf_counter()
+                await _call(connection, target, target.payload)
+                if i >= WARMUP:
+                    samples[target.label].append(time.perf_counter() - started)
     finally:
-        connection.close()
+        for connection in connections:
+            connection.close()
     return samples
 
 
@@ -369,14 +373,15 @@ class Row:
 
 
 def measure_paths(targets: list[Target], direct: Target, loaded: set[str], args: argparse.Namespace) -> dict[str, Row]:
-    """Sequential latency of every path (added: minus `direct`, for paths through a server of ours or
-    LiteLLM's), then throughput of those in `loaded`: --rounds rounds taking the paths in turn, so a
+    """Sequential latency of every path, the paths in turn (added: minus `direct`, for paths through
+    a server of ours or LiteLLM's), then throughput of those in `loaded`: --rounds rounds taking the paths in turn, so a
     drift in the machine's background load falls on all of them; the median round counts."""
-    print(f"\nSequential: {args.requests} requests per path after {WARMUP} warm-up.")
+    print(f"\nSequential: {args.requests} requests per path after {WARMUP} warm-up, the paths in turn.")
     print(f"{'path':<46} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8}")
     rows: dict[str, Row] = {}
+    latencies = asyncio.run(sequential(targets, args.requests))
     for target in targets:
-        samples = asyncio.run(sequential(target, args.requests))
+        samples = latencies[target.label]
         row = rows[target.label] = Row(target.label, percentile(samples, 0.5), percentile(samples, 0.99))
         base = rows.get(direct.label)
         added = f"{row.p50 - base.p50:8.2f} {row.p99 - base.p99:8.2f}" if base and row is not base \
