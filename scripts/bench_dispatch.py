@@ -183,17 +183,24 @@ async def _call(connection: Connection, target: Target, payload: bytes) -> None:
         raise RuntimeError(f"{target.label} answered {status}: {answer[:300]!r}")
 
 
+SEQUENTIAL_BLOCK = 25
+
+
 async def sequential(targets: list[Target], requests: int) -> dict[str, list[float]]:
     """Latencies (s) of `requests` calls per path, one call at a time, after a warm-up; the paths
-    are taken in turn, call by call, so a drift in the machine's speed falls on all of them alike."""
+    take turns in blocks of SEQUENTIAL_BLOCK calls, so a drift in the machine's speed falls on all
+    of them alike (call by call, every call would wake a process that had just gone idle)."""
     connections = [Connection(target.port, target.headers) for target in targets]
     samples: dict[str, list[float]] = {target.label: [] for target in targets}
     try:
-        for i in range(WARMUP + requests):
-            for target, connection in zip(targets, connections):
-                started = time.perf_counter()
+        for target, connection in zip(targets, connections):
+            for _ in range(WARMUP):
                 await _call(connection, target, target.payload)
-                if i >= WARMUP:
+        for start in range(0, requests, SEQUENTIAL_BLOCK):
+            for target, connection in zip(targets, connections):
+                for _ in range(min(SEQUENTIAL_BLOCK, requests - start)):
+                    started = time.perf_counter()
+                    await _call(connection, target, target.payload)
                     samples[target.label].append(time.perf_counter() - started)
     finally:
         for connection in connections:
@@ -376,7 +383,8 @@ def measure_paths(targets: list[Target], direct: Target, loaded: set[str], args:
     """Sequential latency of every path, the paths in turn (added: minus `direct`, for paths through
     a server of ours or LiteLLM's), then throughput of those in `loaded`: --rounds rounds taking the paths in turn, so a
     drift in the machine's background load falls on all of them; the median round counts."""
-    print(f"\nSequential: {args.requests} requests per path after {WARMUP} warm-up, the paths in turn.")
+    print(f"\nSequential: {args.requests} requests per path after {WARMUP} warm-up, the paths in turn by "
+          f"blocks of {SEQUENTIAL_BLOCK}.")
     print(f"{'path':<46} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8}")
     rows: dict[str, Row] = {}
     latencies = asyncio.run(sequential(targets, args.requests))

@@ -122,9 +122,10 @@ def lease_runtime(db: Database, model_id: str, settings: Settings, *, holder: Ho
     for _ in range(attempts):
         with db.connection(autocommit=True) as conn:
             runtime = queries.acquire_warm(conn, model_id, holder, selection_state)
-            if selection_state is not None:
+            if selection_state is not None:  # checked once: later statements need no check
                 checked_state(runtime)
-                runtime, selection_state = (runtime if runtime["id"] is not None else None), None
+                runtime = runtime if runtime["id"] is not None else None
+                selection_state = None
             if not runtime and holder and not request_queue.lease_held(conn, holder):
                 raise request_queue.LeaseLost(f"request {holder.request_id} was taken back from this worker "
                                               "(its lease expired)", dispatch_id=holder.request_id)

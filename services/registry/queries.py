@@ -105,6 +105,8 @@ SELECTION_STATE = """
                AS warm_model_ids
 """
 
+SELECTION_STATE_COLUMNS = ("catalogue_version", "templates_version", "refreshed_at", "warm_model_ids")
+
 # Over a row of SELECTION_STATE: whether it is the state given by `selection_state_params`.
 SELECTION_STATE_UNCHANGED = """
     (catalogue_version, templates_version, refreshed_at, warm_model_ids) IS NOT DISTINCT FROM

@@ -252,7 +252,6 @@ class StaleSelection(Exception):
         self.state = state
 
 
-STATE_COLUMNS = ("catalogue_version", "templates_version", "refreshed_at", "warm_model_ids")
 _last_state: dict | None = None
 
 
@@ -265,7 +264,7 @@ def last_state() -> dict | None:
     return _last_state
 
 
-def remember_state(state: dict) -> None:
+def _remember(state: dict) -> None:
     global _last_state
     _last_state = state
 
@@ -273,16 +272,16 @@ def remember_state(state: dict) -> None:
 def checked_state(row: dict) -> dict:
     """Take the selection state's columns out of a row of a statement that checked it (and
     remember that state); StaleSelection if it was no longer the one checked."""
-    state = {key: row.pop(key) for key in STATE_COLUMNS}
-    remember_state(state)
+    state = {key: row.pop(key) for key in queries.SELECTION_STATE_COLUMNS}
+    _remember(state)
     if not row.pop("state_unchanged"):
         raise StaleSelection(state)
     return state
 
 
-def read_state(conn: psycopg.Connection) -> dict:
+def _read_state(conn: psycopg.Connection) -> dict:
     state = queries.selection_state(conn)
-    remember_state(state)
+    _remember(state)
     return state
 
 
@@ -290,7 +289,7 @@ def select_models(conn: psycopg.Connection, request: SelectionRequest, settings:
                   state: dict | None = None) -> Selection:
     """Rank the models that can take `request`, on `state` (read now if not given); raise
     NoCandidate when none can."""
-    state = state if state is not None else read_state(conn)
+    state = state if state is not None else _read_state(conn)
     key = (state["catalogue_version"], state["refreshed_at"], tuple(sorted(state["warm_model_ids"])),
            state["templates_version"], _request_key(request), tuple(settings.runtime_drivers))
     selection = _rankings.get(key)
@@ -303,7 +302,7 @@ def select_models(conn: psycopg.Connection, request: SelectionRequest, settings:
 def find_model(conn: psycopg.Connection, ref: str, state: dict | None = None) -> tuple[dict | None, str]:
     """The active model `ref` names ("name:version", or "name": its newest active version), and the
     templates version: from the in-memory catalogue of `state` (read now if not given)."""
-    state = state if state is not None else read_state(conn)
+    state = state if state is not None else _read_state(conn)
     catalogue = _catalogues.get(conn, (state["catalogue_version"], state["refreshed_at"]))
     name, _, version = ref.partition(":")
     model_id = catalogue.named(name, version or None)
