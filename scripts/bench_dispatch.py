@@ -4,7 +4,8 @@ One run starts, each in its own process: an instant OpenAI-compatible backend (a
 no model), the orchestrator under gunicorn (gthread) with only that backend eligible
 (RUNTIME_DRIVERS=external), the LiteLLM proxy in front of the same backend, and for the queue part
 the worker process. It prints, for each path: sequential p50/p99 and the latency it adds over a
-direct call to the backend, and requests/s at --concurrency clients; then the queue's end-to-end
+direct call to the backend, and requests/s at --concurrency clients (both taking the paths in
+turn, so that a drift in the machine's speed falls on all of them alike); then the queue's end-to-end
 rate for --jobs async requests, checking that none was lost and none ran twice. It creates its
 own database and drops it at the end.
 
