@@ -18,5 +18,5 @@ USER dispatcher
 ENV PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 RUN mkdir -p /tmp/prometheus
 EXPOSE 8101 8102 8103 8104
-CMD ["gunicorn", "services.registry:create_app()", "--bind", "0.0.0.0:8101", \
-     "--worker-class", "gthread", "--workers", "2", "--threads", "8", "--access-logfile", "-"]
+CMD ["granian", "--interface", "wsgi", "--factory", "services.registry:create_app", "--host", "0.0.0.0", \
+     "--port", "8101", "--workers", "2", "--blocking-threads", "8", "--respawn-failed-workers", "--access-log"]

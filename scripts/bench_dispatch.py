@@ -1,7 +1,7 @@
 """Benchmark dispatch against an instant fake backend, side by side with the LiteLLM proxy.
 
 One run starts, each in its own process: an instant OpenAI-compatible backend (a canned answer,
-no model), the orchestrator under gunicorn (gthread) with only that backend eligible
+no model), the orchestrator under granian (WSGI, threads) with only that backend eligible
 (RUNTIME_DRIVERS=external), the LiteLLM proxy in front of the same backend, and for the queue part
 the worker process. It prints, for each path: sequential p50/p99 and the latency it adds over a
 direct call to the backend, and requests/s at --concurrency clients (both taking the paths in
@@ -9,8 +9,8 @@ turn, so that a drift in the machine's speed falls on all of them alike); then t
 rate for --jobs async requests, checking that none was lost and none ran twice. It creates its
 own database and drops it at the end.
 
-Fair play: the orchestrator and LiteLLM (under gunicorn too, no database, no telemetry, local cost
-map) get the same number of worker processes; the load generator is a lean asyncio client on
+Fair play: the orchestrator and LiteLLM (under gunicorn with uvicorn workers, its own way; no database,
+no telemetry, local cost map) get the same number of worker processes; the load generator is a lean asyncio client on
 kept-alive connections. Every process shares this machine's cores with Postgres and the load
 generator, so the figures bound the overhead from above; they are not a production measurement.
 LiteLLM lives in a venv of its own (--litellm-venv, created and installed on first use).
@@ -418,7 +418,7 @@ def main() -> int:
     parser.add_argument("--load-requests", type=int, default=3000, help="requests per throughput run")
     parser.add_argument("--rounds", type=int, default=3, help="throughput runs per path, taken in turn")
     parser.add_argument("--jobs", type=int, default=5000, help="async requests for the queue run")
-    parser.add_argument("--web-workers", type=int, default=2, help="gunicorn workers (and LiteLLM's)")
+    parser.add_argument("--web-workers", type=int, default=2, help="web server workers (and LiteLLM's)")
     parser.add_argument("--web-threads", type=int, default=8)
     parser.add_argument("--queue-workers", type=int, default=8)
     parser.add_argument("--litellm-venv", type=Path, default=ROOT / ".run" / "litellm-venv")
@@ -453,10 +453,10 @@ def main() -> int:
                   base_env, ports["backend"], "/health")
             start("fake_model_server", [sys.executable, "tests/fake_model_server.py", "--port", str(ports["fake"])],
                   base_env, ports["fake"], "/health")
-            start("orchestrator", [sys.executable, "-m", "gunicorn", "--workers", str(args.web_workers),
-                                   "--worker-class", "gthread", "--threads", str(args.web_threads),
-                                   "--bind", f"127.0.0.1:{ports['orchestrator']}",
-                                   "services.orchestrator:create_app()"],
+            start("orchestrator", [sys.executable, "-m", "granian", "--interface", "wsgi", "--factory",
+                                   "services.orchestrator:create_app", "--workers", str(args.web_workers),
+                                   "--blocking-threads", str(args.web_threads), "--host", "127.0.0.1",
+                                   "--port", str(ports["orchestrator"])],
                   service_env, ports["orchestrator"], "/readyz")
             # Under gunicorn: uvicorn's own supervisor kills workers that import slower than 5 s.
             start("litellm", [str(litellm), "--config", str(logs / "litellm.yaml"), "--host", "127.0.0.1",

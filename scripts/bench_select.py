@@ -1,7 +1,7 @@
 """Benchmark model selection: 10,000 models, 1M performance rows, then the log table grown.
 
 Prints p50/p99 of `select_models` in-process and of `POST /select` over HTTP (the registry under
-gunicorn), before and after growing performance_logs. Creates its own database and drops it.
+granian), before and after growing performance_logs. Creates its own database and drops it.
 
 Usage: python scripts/bench_select.py [--grow-to 3000000] [--iterations 400]
 """
@@ -137,8 +137,8 @@ def time_over_http(url: str, iterations: int) -> str:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "WARNING", "DISPATCHER_API_TOKEN": ""}
     server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "gthread",
-         "--threads", "4", "--bind", f"127.0.0.1:{port}", "services.registry:create_app()"],
+        [sys.executable, "-m", "granian", "--interface", "wsgi", "--factory", "services.registry:create_app",
+         "--workers", "1", "--blocking-threads", "4", "--host", "127.0.0.1", "--port", str(port)],
         cwd=Path(__file__).resolve().parents[1], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

@@ -1,4 +1,4 @@
-"""Processes the end-to-end tests start: the services under gunicorn, each on a port of its own.
+"""Processes the end-to-end tests start: the services under granian, each on a port of its own.
 
 Every process starts in its own session and is stopped by its process group; readiness is polled,
 never slept on. A service is ready when *it* answers /readyz on its port (the answer names the
@@ -101,19 +101,19 @@ def serves(url: str, service: str) -> bool:
 
 def start_services(processes: Processes, env_for: Callable[[dict[str, str]], dict[str, str]],
                    names: Iterable[str] = SERVICES, threads: int = 8) -> dict[str, str]:
-    """Start each service under gunicorn on a free port; their base URLs by name, once all are ready.
+    """Start each service under granian on a free port; their base URLs by name, once all are ready.
 
     `env_for(urls)` gives the services' environment (they learn each other's URLs from it). If a
     port was taken before its service bound it, all are stopped and started again on new ports.
     """
     names = tuple(names)
-    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    granian = str(Path(sys.executable).with_name("granian"))
     for attempt in range(1, START_ATTEMPTS + 1):
         urls = {name: f"http://127.0.0.1:{port}" for name, port in zip(names, free_ports(len(names)), strict=True)}
         env = env_for(urls)
         started = {name: processes.start(name, [
-            gunicorn, f"services.{name}:create_app()", "--bind", url.removeprefix("http://"),
-            "--worker-class", "gthread", "--workers", "1", "--threads", str(threads), "--timeout", "300"], env)
+            granian, "--interface", "wsgi", "--factory", f"services.{name}:create_app", "--host", "127.0.0.1",
+            "--port", url.rsplit(":", 1)[1], "--workers", "1", "--blocking-threads", str(threads)], env)
             for name, url in urls.items()}
         try:
             for name, (process, log) in started.items():

@@ -37,7 +37,8 @@ def test_services_start_in_order_of_health(compose):
     for name in ("registry", "orchestrator", "prompt-builder", "optimizer"):
         assert services[name]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
         assert services[name]["healthcheck"]["test"][-1].endswith("/readyz")
-        assert services[name]["command"][1] == f"services.{name.replace('-', '_')}:create_app()"
+        command = services[name]["command"]
+        assert command[command.index("--factory") + 1] == f"services.{name.replace('-', '_')}:create_app"
     assert "healthcheck" in services["postgres"]
 
 

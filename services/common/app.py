@@ -68,7 +68,7 @@ class Readiness(MethodView):
 class Metrics(MethodView):
     @health.response(200, content_type="text/plain")
     def get(self):
-        """Prometheus metrics of this process (or all gunicorn workers)."""
+        """Prometheus metrics of this process (or all the web server's worker processes)."""
         return metrics_response()
 
 

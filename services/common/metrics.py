@@ -41,7 +41,7 @@ def install_request_metrics(app: Flask, service: str) -> None:
 
 
 def metrics_response() -> Response:
-    """The exposition text; aggregates gunicorn workers when PROMETHEUS_MULTIPROC_DIR is set."""
+    """The exposition text; aggregates the web server's worker processes when PROMETHEUS_MULTIPROC_DIR is set."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

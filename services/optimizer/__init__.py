@@ -9,7 +9,7 @@ from services.optimizer.api import blp
 
 
 def create_app(test_config: dict | None = None) -> Flask:
-    """The Optimizer service app (gunicorn: 'services.optimizer:create_app()')."""
+    """The Optimizer service app (granian --factory 'services.optimizer:create_app')."""
     app = create_service_app("optimizer", "Optimizer", [blp], test_config, import_name=__name__)
     settings = app.extensions["settings"]
     # The actions' calls to the orchestrator and registry (POST/PATCH are never retried).

@@ -1,4 +1,4 @@
-"""The optimizer's scheduler: `python -m services.optimizer.scheduler`, one process, never in gunicorn.
+"""The optimizer's scheduler: `python -m services.optimizer.scheduler`, one process, never in a web server.
 
 APScheduler cannot share a job store between processes, so exactly one of these runs.
 """

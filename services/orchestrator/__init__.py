@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(test_config: dict | None = None) -> Flask:
-    """The Orchestrator service app (gunicorn: 'services.orchestrator:create_app()')."""
+    """The Orchestrator service app (granian --factory 'services.orchestrator:create_app')."""
     # Imported here, not at the top: every model server starts as `python -m
     # services.orchestrator.runtimes.llama_server`, which imports this package first, and should not
     # spend ~0.4 s of its cold start importing Flask, psycopg and the API.

@@ -7,7 +7,7 @@ from services.common.app import create_service_app
 
 
 def create_app(test_config: dict | None = None) -> Flask:
-    """The Prompt builder service app (gunicorn: 'services.prompt_builder:create_app()')."""
+    """The Prompt builder service app (granian --factory 'services.prompt_builder:create_app')."""
     from services.prompt_builder.api import blp
 
     return create_service_app("prompt_builder", "Prompt builder", [blp], test_config, import_name=__name__)

@@ -8,6 +8,6 @@ from services.registry.api import blp
 
 
 def create_app(test_config: dict | None = None) -> Flask:
-    """The Model registry service app (gunicorn: 'services.registry:create_app()')."""
+    """The Model registry service app (granian --factory 'services.registry:create_app')."""
     return create_service_app("registry", "Model registry", [blp], test_config,
                               import_name=__name__)

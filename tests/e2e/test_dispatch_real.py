@@ -1,4 +1,4 @@
-"""End to end: the four services under gunicorn, the real SmolLM2 behind the process driver.
+"""End to end: the four services under granian, the real SmolLM2 behind the process driver.
 
 POST /dispatch -> the orchestrator selects SmolLM2, starts its llama.cpp server, answers; the
 performance row is there; the optimizer's refresh puts the request in its summary. Every process
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture
 def stack(fresh_database_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """The four services as gunicorn processes on free ports; their base URLs by name."""
+    """The four services as granian processes on free ports; their base URLs by name."""
     runtime_dir = tmp_path / "runtimes"
 
     def env_for(urls: dict[str, str]) -> dict[str, str]:

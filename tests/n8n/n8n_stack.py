@@ -65,7 +65,7 @@ class Stack:
 
 
 def start_stack(processes: Processes, database_url: str, workdir: Path) -> Stack:
-    """Start the services (gunicorn, one worker each) and the queue worker; wait until ready."""
+    """Start the services (granian, one worker each) and the queue worker; wait until ready."""
     token = secrets.token_urlsafe(24)
     runtime_dir = workdir / "runtimes"
 
@@ -81,7 +81,7 @@ def start_stack(processes: Processes, database_url: str, workdir: Path) -> Stack
 
 
 def stop_runtimes(stack: Stack) -> None:
-    """Stop the model servers the orchestrator started (they outlive gunicorn by design)."""
+    """Stop the model servers the orchestrator started (they outlive the services by design)."""
     try:
         for runtime in stack.call("GET", "orchestrator", "/runtimes").json()["items"]:
             if runtime["status"] not in ("stopped", "error"):
