@@ -25,7 +25,7 @@ from typing import Any
 
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.errors import BadGateway, GatewayTimeout, Problem, Unprocessable
+from services.common.errors import BadGateway, Conflict, GatewayTimeout, Problem, Unprocessable
 from services.common.http import http_session
 from services.optimizer.performance import log_performance
 from services.orchestrator import request_queue
@@ -308,10 +308,9 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
             outcome = run_attempt(db, settings, request_id, request, candidate, attempt, repair_of=repair_of,
                                   queue_wait_ms=queue_wait_ms, holder=holder, answer=answer,
                                   templates_version=selection.templates_version, selection_state=state)
-        except StaleSelection as stale:  # nothing was run: start over on the current state
+        except StaleSelection as stale:  # this attempt never ran: go on, selecting on the current state
             selection, state = _select(db, settings, request, stale.state), None
-            attempts.clear()
-            index, repair_of = 0, None
+            attempts.pop()
             continue
         if attempt.runtime_id is not None:
             state = None  # checked
@@ -446,9 +445,9 @@ def _select_unread(db: Database, settings: Settings, request: DispatchRequest) -
     if state is not None:
         try:
             selection = _select(db, settings, request, state)
-        except Problem:  # no model, or none that fits: perhaps only in an old catalogue
+        except Problem:  # no model, none that fits, or none left: perhaps only in an old catalogue
             selection = None
-        if selection and selection.candidates:  # none: its models are gone, the state is old
+        if selection is not None:
             return selection, state
     return _select(db, settings, request), None
 
@@ -458,7 +457,10 @@ def _select(db: Database, settings: Settings, request: DispatchRequest, state: d
     if request.model:
         return pinned_selection(db, request, state)
     with db.connection(autocommit=True) as conn:  # reads only
-        return select_models(conn, selection_request(request), settings, state)
+        selection = select_models(conn, selection_request(request), settings, state)
+    if not selection.candidates:  # the ranked models were deleted between two reads
+        raise Conflict("The models selected for this request were deleted meanwhile; send it again.")
+    return selection
 
 
 def selection_request(request: DispatchRequest) -> SelectionRequest:

@@ -84,7 +84,7 @@ def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_ty
     """Record a request: pending (async), or already leased to the caller's process (sync)."""
     params = _row_params(request_id, payload, task_type, priority, callback_url, callback_headers)
     if mode == "sync":
-        # Unflushed: its caller is waiting, and the durable commit that ends it flushes it too.
+        # Unflushed: its caller is waiting (a stream), and `complete`, durable, flushes it too.
         return conn.execute(
             f"WITH {UNFLUSHED} INSERT INTO request_queue (id, request_payload, task_type, priority, mode, status,"
             " attempts, lease_owner, lease_expires_at, started_at, callback_url, callback_headers)"

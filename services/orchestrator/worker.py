@@ -53,16 +53,21 @@ class WorkerPool:
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def run_once(self) -> bool:
-        """Claim and run one request; False when the queue was empty."""
+    def run_once(self, *, spend_wakeup: bool = True) -> bool:
+        """Claim and run one request; False when the queue was empty.
+
+        A claim spends one wake-up (each NOTIFY announced one request), unless the caller has just
+        spent one waking up for it (`spend_wakeup=False`).
+        """
         owner = request_queue.lease_owner()
         with self.db.connection(autocommit=True) as conn:
             row = request_queue.claim_next(conn, owner=owner, lease_seconds=self.settings.queue_lease_s)
         if row is None:
             return False
-        # This request's NOTIFY is spent: without this, every wake-up left over from a busy spell
-        # would cost an empty claim once the queue runs dry.
-        self.wakeups.acquire(blocking=False)
+        if spend_wakeup:
+            # Without this, every wake-up left over from a busy spell would cost an empty claim once
+            # the queue runs dry.
+            self.wakeups.acquire(blocking=False)
         try:
             run_queued_request(self.db, self.settings, row, owner=owner)
         except Exception:
@@ -70,13 +75,17 @@ class WorkerPool:
         return True
 
     def _work(self) -> None:
+        woken = False   # by a wake-up this thread has spent
         while not self.stopping.is_set():
             try:
-                if self.run_once():
-                    continue
+                claimed = self.run_once(spend_wakeup=not woken)
             except psycopg.Error:
                 logger.exception("queue unavailable; retrying")
-            self.wakeups.acquire(timeout=self.settings.queue_poll_s)
+                claimed = False
+            if claimed:
+                woken = False
+                continue
+            woken = self.wakeups.acquire(timeout=self.settings.queue_poll_s)
 
     def _listen(self) -> None:
         """Turn NOTIFYs into wake-ups, so a new request starts at once rather than at the next poll."""

@@ -5,7 +5,10 @@ Streamed requests (the front doors' streams) go through `stream_dispatch` direct
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import replace
 from unittest.mock import ANY
 
@@ -14,11 +17,15 @@ import pytest
 
 from fake_model_server import FakeModelServer
 from orchestrator_helpers import insert_model
-from services.orchestrator import create_app, queries, request_queue
+from services.common.config import Settings
+from services.orchestrator import create_app, pipeline, queries, request_queue
+from services.orchestrator import worker as worker_module
 from services.orchestrator.dispatch_schemas import DispatchSchema
 from services.orchestrator.pipeline import stream_dispatch
 from services.orchestrator.worker import WorkerPool
 from services.prompt_builder import queries as template_queries, templates
+from services.registry import selection
+from services.registry.selection import StaleSelection
 
 JSON_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
 
@@ -141,6 +148,42 @@ def test_a_selection_made_on_an_old_state_is_made_again_before_anything_runs(cli
     assert conn.execute("SELECT total_requests FROM container_lifecycle WHERE model_id = %s",
                         (first["id"],)).fetchone()["total_requests"] == busy_before
     assert performance_rows(conn, answer["request_id"])[0]["model_id"] == second["id"]
+
+
+def test_an_attempt_that_ran_is_kept_when_a_later_one_finds_the_selection_stale(client, conn, fake_server,
+                                                                               monkeypatch):
+    served_by(conn, fake_server)
+    assert client.post("/dispatch", json=dispatch_body()).status_code == 200   # warm; the state is known
+    real_run_attempt, checked = pipeline.run_attempt, []
+
+    def first_fails_to_start_then_the_state_is_stale(db, settings, request_id, request, candidate, attempt,
+                                                     **kwargs):
+        checked.append(kwargs["selection_state"])
+        if len(checked) == 1:
+            attempt.outcome, attempt.error = "start_failed", "no room for it"
+            return pipeline.Outcome(attempt=attempt)
+        if len(checked) == 2:
+            raise StaleSelection(selection.last_state())
+        return real_run_attempt(db, settings, request_id, request, candidate, attempt, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_attempt", first_fails_to_start_then_the_state_is_stale)
+    response = client.post("/dispatch", json=dispatch_body())
+
+    assert response.status_code == 200
+    attempts = response.get_json()["attempts"]
+    assert [(a["number"], a["outcome"]) for a in attempts] == [(1, "start_failed"), (2, "ok")]
+    assert checked[0] is not None and checked[1] is not None and checked[2] is None
+
+
+def test_a_selection_whose_models_were_deleted_meanwhile_is_a_409(client, conn, fake_server, monkeypatch):
+    served_by(conn, fake_server)
+    empty = pipeline.Selection(task_type="question-answering", complexity=1, weights={}, eligible_count=1)
+    monkeypatch.setattr(pipeline, "select_models", lambda *args, **kwargs: empty)
+
+    response = client.post("/dispatch", json=dispatch_body())
+
+    assert (response.status_code, response.mimetype) == (409, "application/problem+json")
+    assert "deleted meanwhile" in response.get_json()["detail"]
 
 
 def busy_counts(conn, model: dict) -> list[int]:
@@ -421,6 +464,39 @@ def test_a_claimed_request_spends_its_wake_up(client, conn, db, fake_server):
     assert pool.run_once() is True
     # Nothing left to wake up for: an idle worker sleeps instead of claiming from an empty queue.
     assert pool.wakeups.acquire(blocking=False) is False
+
+
+def test_each_request_a_burst_announces_wakes_a_worker_of_its_own(monkeypatch):
+    """A worker woken by a request's wake-up has spent it: its claim must not spend another's."""
+    pending, started = [], {}
+    monkeypatch.setattr(request_queue, "claim_next", lambda conn, **_: {"id": pending.pop()} if pending else None)
+
+    def run_for_a_while(db, settings, row, owner):
+        started[row["id"]] = time.monotonic()
+        time.sleep(0.6)
+
+    monkeypatch.setattr(worker_module, "run_queued_request", run_for_a_while)
+
+    class NoDatabase:
+        @contextmanager
+        def connection(self, autocommit=False):
+            yield None
+
+    pool = WorkerPool(NoDatabase(), Settings(queue_poll_s=5.0), workers=2)
+    workers = [threading.Thread(target=pool._work, daemon=True) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.1)                  # both asleep on an empty queue, until a wake-up or 5 s
+    pending.extend(["a", "b"])
+    announced = time.monotonic()
+    pool.wakeups.release(2)          # two NOTIFYs
+    deadline = announced + 2.0
+    while len(started) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.stop(timeout_s=2.0)
+
+    assert sorted(started) == ["a", "b"]
+    assert max(started.values()) - announced < 0.4   # not after the other's run, nor at the next poll
 
 
 def test_prefer_respond_async_queues_too(client, conn):
