@@ -290,7 +290,7 @@ def select_models(conn: psycopg.Connection, request: SelectionRequest, settings:
     """Rank the models that can take `request`, on `state` (read now if not given); raise
     NoCandidate when none can."""
     state = state if state is not None else _read_state(conn)
-    key = (state["catalogue_version"], state["refreshed_at"], tuple(sorted(state["warm_model_ids"])),
+    key = (state["catalogue_version"], state["refreshed_at"], tuple(state["warm_model_ids"]),
            state["templates_version"], _request_key(request), tuple(settings.runtime_drivers))
     selection = _rankings.get(key)
     if selection is None:
