@@ -109,6 +109,19 @@ def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: H
     return row
 
 
+def take_inherited_runtime(db: Database, settings: Settings, holder: Holder | None,
+                           model_id: str | None = None) -> dict | None:
+    """The runtime the holder's request inherited from its predecessor, once, if it serves `model_id`;
+    one serving another model (or any, without `model_id`) is given back."""
+    if holder is None or holder.inheritance is None or holder.inheritance.runtime is None:
+        return None
+    runtime, holder.inheritance.runtime = holder.inheritance.runtime, None
+    if model_id is not None and str(runtime["model_id"]) == str(model_id):
+        return runtime
+    release_runtime(db, runtime["id"], settings, holder)
+    return None
+
+
 def lease_runtime(db: Database, model_id: str, settings: Settings, *, holder: Holder | None = None,
                   selection_state: dict | None = None, attempts: int = 3) -> dict:
     """A ready runtime of the model, counted busy until `release_runtime`.
@@ -117,8 +130,13 @@ def lease_runtime(db: Database, model_id: str, settings: Settings, *, holder: Ho
     and only while the holder keeps its lease (LeaseLost otherwise); a holder's admission (a sync
     request not recorded yet) is recorded by that statement, whether a warm runtime was free or not.
     With the `selection_state` the model was selected on, that statement counts nothing if the
-    state has changed since, and StaleSelection says the current one.
+    state has changed since, and StaleSelection says the current one. A runtime the holder's request
+    inherited, serving this model, is taken as it is: its selection was made on the state current
+    when it was claimed.
     """
+    inherited = take_inherited_runtime(db, settings, holder, model_id)
+    if inherited is not None:
+        return inherited
     for _ in range(attempts):
         with db.connection(autocommit=True) as conn:
             runtime = queries.acquire_warm(conn, model_id, holder, selection_state)

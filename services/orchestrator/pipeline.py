@@ -31,7 +31,7 @@ from services.optimizer.performance import log_performance
 from services.orchestrator import request_queue
 from services.orchestrator.request_queue import Holder
 from services.orchestrator.generation import named_model
-from services.orchestrator.lifecycle import lease_runtime, leased_runtime, release_runtime
+from services.orchestrator.lifecycle import lease_runtime, leased_runtime, release_runtime, take_inherited_runtime
 from services.orchestrator.protocols import (Generation, ModelServerTimeout, Options,
                                              client_for)
 from services.prompt_builder.formats import ParsedOutput, parse_output, repair_prompt
@@ -132,15 +132,21 @@ class DispatchFailed(Problem):
                          dispatch_id=request_id, attempts=[asdict(a) for a in attempts])
 
 
-def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: str,
-                       raise_problem: bool = False) -> dict | None:
+def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: str, raise_problem: bool = False,
+                       successor: request_queue.Claim | None = None,
+                       inheritance: request_queue.Inheritance | None = None) -> dict | None:
     """Run a request this owner holds the lease of; record its end (and call back, if asked).
 
-    A worker keeps going after a failed request; `raise_problem` raises its problem instead.
+    A worker keeps going after a failed request; `raise_problem` raises its problem instead. With a
+    `successor`, the statement completing the request claims the next one into it, for this owner;
+    `inheritance` is what a request claimed that way got from its predecessor.
     """
     queue_wait_ms = max(0.0, (row["started_at"] - row["created_at"]).total_seconds() * 1000)
-    return _run_request(db, settings, row, Holder(str(row["id"]), owner), queue_wait_ms=queue_wait_ms,
-                        raise_problem=raise_problem)
+    holder = Holder(str(row["id"]), owner, successor=successor, inheritance=inheritance)
+    try:
+        return _run_request(db, settings, row, holder, queue_wait_ms=queue_wait_ms, raise_problem=raise_problem)
+    finally:
+        take_inherited_runtime(db, settings, holder)   # gives back one no attempt ran on
 
 
 def run_sync_request(db: Database, settings: Settings, request_id: str, payload: dict, *,
@@ -287,10 +293,12 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
     every attempt fails.
 
     With a `holder`, each attempt notes its model and runtime on the queued request (feedback needs
-    them), and the statement releasing the answering attempt's runtime completes the request.
+    them), and the statement releasing the answering attempt's runtime completes the request. A
+    holder's inheritance (a runtime handed over with the request) is selected on the state it came with.
     """
     started = time.perf_counter()
-    selection, state = _select_unread(db, settings, request)
+    inheritance = holder.inheritance if holder is not None else None
+    selection, state = _select_unread(db, settings, request, inheritance.state if inheritance else last_state())
     selection_ms = _ms_since(started)
 
     def answer(outcome: Outcome) -> dict:
@@ -438,10 +446,11 @@ def _record_failure(db: Database, row: dict, owner: str, error_details: dict) ->
         request_queue.fail(conn, str(row["id"]), owner=owner, error_details=error_details)
 
 
-def _select_unread(db: Database, settings: Settings, request: DispatchRequest) -> tuple[Selection, dict | None]:
-    """The selection on the state this process saw last, without reading it, and that state, which
-    the first lease is to check; on a state read now (and None) if there is none, or none passes."""
-    state = last_state()
+def _select_unread(db: Database, settings: Settings, request: DispatchRequest,
+                   state: dict | None) -> tuple[Selection, dict | None]:
+    """The selection on a state known without reading it (the one this process saw last, say), and
+    that state, which the first lease is to check; on a state read now (and None) if there is none,
+    or none passes."""
     if state is not None:
         try:
             selection = _select(db, settings, request, state)

@@ -6,8 +6,10 @@ from psycopg.types.json import Jsonb
 
 from services.common.db import UNFLUSHED
 from services.optimizer.queries import INSERT_PERFORMANCE, performance_rows
-from services.registry.queries import SELECTION_STATE, SELECTION_STATE_UNCHANGED, selection_state_params
-from services.orchestrator.request_queue import Holder
+from services.registry.queries import (SELECTION_STATE, SELECTION_STATE_COLUMNS, SELECTION_STATE_UNCHANGED,
+                                      selection_state_params)
+from services.orchestrator import request_queue
+from services.orchestrator.request_queue import Claim, Holder, Inheritance
 
 # Advisory lock namespaces (the first key of the two-key form); the second key is a hash.
 LOCK_MODEL_START = 4_001
@@ -365,14 +367,67 @@ def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = N
     if performance is not None:
         steps.append(f"logged AS ({INSERT_PERFORMANCE})")
         params["rows"] = performance_rows([performance])
+    uncounted = _take_uncounted(holder)
+    if holder is not None and holder.successor is not None and result is not None:
+        return _released_to_successor(conn, steps, drop, completed, params, holder.successor, uncounted)
+    params["uncounted"] = uncounted
     return _one(conn, f"""
         {"WITH " + ", ".join(steps) if steps else ""}
         UPDATE container_lifecycle r
-        SET active_requests = greatest(r.active_requests - {drop}, 0), last_activity = now()
+        SET active_requests = greatest(r.active_requests - {drop}, 0), last_activity = now(),
+            total_requests = r.total_requests + %(uncounted)s
         FROM model_registry m {", unflushed" if unflushed else ""}
         WHERE r.id = %(id)s AND m.id = r.model_id
         RETURNING r.id, r.model_id, r.active_requests, r.status, m.keep_alive_seconds, {completed} AS completed
     """, params)
+
+
+def _released_to_successor(conn: psycopg.Connection, steps: list[str], drop: str, completed: str, params: dict,
+                           successor: Claim, uncounted: int) -> dict | None:
+    """The release that completes a queued request, claiming the next one for the same owner in the
+    same statement, onto the same runtime if it is still running, with the selection state current
+    then. A runtime handed over stays as busy: its row is left alone (no lock on it, the queue's
+    hot spot), except about once a second for its last activity and the requests it served meanwhile.
+    """
+    handed = "(SELECT count(*) FROM claimed WHERE holds_runtime)"
+    params.update(lease=successor.lease_seconds, uncounted=uncounted)
+    row = _one(conn, f"""
+        WITH {", ".join(steps)},
+        state AS MATERIALIZED ({SELECTION_STATE}),
+        running AS (SELECT r.*, m.keep_alive_seconds FROM {RUNTIME_FROM} WHERE r.id = %(id)s AND r.status = 'running'),
+        {request_queue.claimed(holding="running")},
+        released AS (
+            UPDATE container_lifecycle r
+            SET active_requests = greatest(r.active_requests - {drop}, 0) + {handed},
+                total_requests = r.total_requests + {handed} + %(uncounted)s, last_activity = now()
+            FROM model_registry m
+            WHERE r.id = %(id)s AND m.id = r.model_id
+              AND ({drop} <> {handed} OR r.last_activity < now() - interval '1 second')
+            RETURNING r.*, m.keep_alive_seconds),
+        runtime AS (SELECT * FROM released UNION ALL SELECT * FROM running WHERE NOT EXISTS (SELECT FROM released))
+        SELECT r.*, {completed} AS completed, EXISTS (SELECT FROM released) AS counted, s.*,
+               {", ".join(f"c.{column} AS next_{column}" for column in request_queue.COLUMNS)},
+               c.holds_runtime AS next_holds_runtime
+        FROM state s LEFT JOIN runtime r ON true LEFT JOIN claimed c ON true
+    """, params)
+    state = {column: row.pop(column) for column in SELECTION_STATE_COLUMNS}
+    next_request = {column: row.pop(f"next_{column}") for column in request_queue.COLUMNS}
+    handed_over, counted = row.pop("next_holds_runtime"), row.pop("counted")
+    runtime = row if row["id"] is not None else None
+    if next_request["id"] is not None:
+        successor.row = next_request
+        successor.inheritance = Inheritance(runtime if handed_over else None, state,
+                                            uncounted=0 if counted or not handed_over else uncounted + 1)
+    return runtime
+
+
+def _take_uncounted(holder: Holder | None) -> int:
+    """The requests served on the holder's inherited runtime that its row does not count yet, once:
+    the release that adds them is the first of the request's."""
+    if holder is None or holder.inheritance is None:
+        return 0
+    uncounted, holder.inheritance.uncounted = holder.inheritance.uncounted, 0
+    return uncounted
 
 
 def active_requests(conn: psycopg.Connection, runtime_id: str) -> int:

@@ -25,11 +25,25 @@ from services.common.errors import Conflict
 # Lease lengths are settings (queue_lease_s, queue_lease_renew_s) passed in by the callers.
 CHANNEL = "request_queue"
 
-RETURNING = """
-RETURNING id, request_payload, task_type, priority, mode, status, attempts, assigned_model_id,
-          assigned_runtime_id, lease_owner, lease_expires_at, callback_url, callback_headers, result,
-          error_details, created_at, started_at, completed_at
-"""
+COLUMNS = ("id", "request_payload", "task_type", "priority", "mode", "status", "attempts", "assigned_model_id",
+           "assigned_runtime_id", "lease_owner", "lease_expires_at", "callback_url", "callback_headers", "result",
+           "error_details", "created_at", "started_at", "completed_at")
+RETURNING = f" RETURNING {', '.join(COLUMNS)} "
+
+
+def claimed(*, holding: str = "") -> str:
+    """A CTE leasing the next pending request (highest priority, then oldest) to %(owner)s for
+    %(lease)s seconds; `holding`, a CTE name, gives it the runtime (id, model_id) that CTE holds."""
+    sets = ""
+    if holding:
+        sets = f""", assigned_model_id = (SELECT model_id FROM {holding}),
+                   assigned_runtime_id = (SELECT id FROM {holding}), holds_runtime = EXISTS (SELECT FROM {holding})"""
+    return f"""claimed AS (
+        UPDATE request_queue SET status = 'processing', attempts = attempts + 1, lease_owner = %(owner)s,
+                                 lease_expires_at = now() + make_interval(secs => %(lease)s), started_at = now() {sets}
+        WHERE id = (SELECT id FROM request_queue WHERE status = 'pending'
+                    ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+        {RETURNING}, holds_runtime)"""
 
 
 @dataclass
@@ -50,16 +64,44 @@ class Admission:
         return {**row, "owner": owner, "lease": self.lease_seconds}
 
 
+@dataclass
+class Inheritance:
+    """What a request claimed by its predecessor's completing statement gets from it: that runtime,
+    still counted busy, now for this request (None when it was no longer running), and the selection
+    state current then. Its first attempt runs on the runtime if it selected that model; otherwise
+    the runtime is given back."""
+
+    runtime: dict | None
+    state: dict
+    uncounted: int = 0   # requests served on the runtime not yet added to its total_requests
+
+
+@dataclass
+class Claim:
+    """A request claimed for a worker (`row`), and what it inherited if the statement completing its
+    predecessor claimed it: that statement fills in a Claim given to it (`row` stays None when the
+    queue was empty). While the queue is not empty, a request so claimed costs two statements fewer:
+    no claim, and no lease of a runtime."""
+
+    lease_seconds: float
+    row: dict | None = None
+    inheritance: Inheritance | None = None
+
+
 @dataclass(frozen=True)
 class Holder:
     """The request an attempt runs for, and the lease owner it runs under: what holds a runtime.
 
-    With an `admission`, the request is a sync one that its first lease records.
+    With an `admission`, the request is a sync one that its first lease records; with a `successor`,
+    the statement that completes the request also claims the next one for the same owner into it;
+    with an `inheritance`, the request was claimed that way.
     """
 
     request_id: str
     owner: str
     admission: Admission | None = field(default=None, compare=False)
+    successor: Claim | None = field(default=None, compare=False)
+    inheritance: Inheritance | None = field(default=None, compare=False)
 
     @property
     def unrecorded(self) -> bool:
@@ -113,14 +155,11 @@ def _row_params(request_id: str, payload: dict, task_type: str, priority: int, c
 def claim_next(conn: psycopg.Connection, *, owner: str, lease_seconds: float) -> dict | None:
     """Lease the next pending request (highest priority, then oldest); None when the queue is empty."""
     # Unflushed: a claim lost in a crash of Postgres leaves the request pending, to be claimed again.
-    return conn.execute(
-        f"WITH {UNFLUSHED} UPDATE request_queue SET status = 'processing', attempts = attempts + 1,"
-        " lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(lease)s), started_at = now()"
-        " FROM unflushed"
-        " WHERE id = (SELECT id FROM request_queue WHERE status = 'pending'"
-        "             ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)" + RETURNING,
-        {"owner": owner, "lease": lease_seconds},
-    ).fetchone()
+    row = conn.execute(f"WITH {UNFLUSHED}, {claimed()} SELECT claimed.* FROM claimed, unflushed",
+                       {"owner": owner, "lease": lease_seconds}).fetchone()
+    if row is not None:
+        del row["holds_runtime"]
+    return row
 
 
 def lease_held(conn: psycopg.Connection, holder: Holder) -> bool:

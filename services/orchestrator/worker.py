@@ -1,9 +1,11 @@
 """Queue workers: `python -m services.orchestrator.worker [--workers N]`.
 
 Each worker thread claims the next pending request (priority, then age; FOR UPDATE SKIP LOCKED,
-so no request runs twice), runs it through the pipeline and records the outcome. Idle workers
-sleep until Postgres NOTIFYs a new request (or a short timeout passes). One thread also reclaims,
-every `queue_reclaim_interval_s`, requests whose lease expired because their worker died.
+so no request runs twice), runs it through the pipeline and records the outcome. The statement
+recording a completed request claims the next one too, handing it the same runtime while that still
+runs: a busy queue costs two statements per request (enqueue, end) beside the model's work. Idle
+workers sleep until Postgres NOTIFYs a new request (or a short timeout passes). One thread also
+reclaims, every `queue_reclaim_interval_s`, requests whose lease expired because their worker died.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ class WorkerPool:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def run_once(self, *, spend_wakeup: bool = True) -> bool:
-        """Claim and run one request; False when the queue was empty.
+        """Claim and run a request, and the successors its completion claims; False when the queue
+        was empty.
 
         A claim spends one wake-up (each NOTIFY announced one request), unless the caller has just
         spent one waking up for it (`spend_wakeup=False`).
@@ -64,15 +67,26 @@ class WorkerPool:
             row = request_queue.claim_next(conn, owner=owner, lease_seconds=self.settings.queue_lease_s)
         if row is None:
             return False
-        if spend_wakeup:
-            # Without this, every wake-up left over from a busy spell would cost an empty claim once
-            # the queue runs dry.
-            self.wakeups.acquire(blocking=False)
+        claimed = request_queue.Claim(self.settings.queue_lease_s, row)
+        while claimed.row is not None:
+            if spend_wakeup:
+                # Without this, every wake-up left over from a busy spell would cost an empty claim
+                # once the queue runs dry.
+                self.wakeups.acquire(blocking=False)
+            spend_wakeup = True   # a successor was announced by a NOTIFY of its own
+            claimed = self._run(claimed, owner)
+        return True
+
+    def _run(self, claimed: request_queue.Claim, owner: str) -> request_queue.Claim:
+        """Run a claimed request; the next one, if the statement completing it claimed one."""
+        row = claimed.row
+        successor = request_queue.Claim(self.settings.queue_lease_s)
         try:
-            run_queued_request(self.db, self.settings, row, owner=owner)
+            run_queued_request(self.db, self.settings, row, owner=owner, inheritance=claimed.inheritance,
+                               successor=None if self.stopping.is_set() else successor)
         except Exception:
             logger.exception("request failed unexpectedly", extra={"dispatch_id": str(row["id"])})
-        return True
+        return successor
 
     def _work(self) -> None:
         woken = False   # by a wake-up this thread has spent

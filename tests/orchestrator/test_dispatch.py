@@ -460,10 +460,70 @@ def test_a_claimed_request_spends_its_wake_up(client, conn, db, fake_server):
     pool = WorkerPool(db, client.application.extensions["settings"], workers=1)
     pool.wakeups.release(2)          # the two NOTIFYs, as the listener turns them into wake-ups
 
-    assert pool.run_once() is True
-    assert pool.run_once() is True
+    assert pool.run_once() is True   # the first request's end claimed the second
+    assert conn.execute("SELECT count(*) AS n FROM request_queue WHERE status = 'completed'").fetchone()["n"] == 2
     # Nothing left to wake up for: an idle worker sleeps instead of claiming from an empty queue.
     assert pool.wakeups.acquire(blocking=False) is False
+
+
+def runtime_counts(conn, model_id) -> list[tuple]:
+    return [(row["active_requests"], row["total_requests"]) for row in conn.execute(
+        "SELECT active_requests, total_requests FROM container_lifecycle WHERE model_id = %s", (model_id,))]
+
+
+def test_a_request_claimed_by_its_predecessors_end_runs_on_the_same_runtime(client, conn, db, fake_server,
+                                                                            monkeypatch):
+    """While the queue is not empty, the statement completing a request claims the next one onto
+    its runtime: no claim and no lease of its own, and the runtime's counts stay right."""
+    model = served_by(conn, fake_server)
+    assert client.post("/dispatch", json=dispatch_body()).status_code == 200   # starts the runtime
+    assert client.post("/dispatch", json=dispatch_body()).status_code == 200   # sees it running
+    ids = [client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
+           for _ in range(3)]
+    statements = counted_statements(monkeypatch)
+
+    assert WorkerPool(db, client.application.extensions["settings"], workers=1).run_once() is True
+
+    # A claim and a lease for the first; each end claims the next; the last end finds none.
+    assert len(statements) == 5, statements
+    rows = [queue_row(conn, request_id) for request_id in ids]
+    assert [(row["status"], row["attempts"]) for row in rows] == [("completed", 1)] * 3
+    assert len({row["assigned_runtime_id"] for row in rows}) == 1
+    assert [len(performance_rows(conn, request_id)) for request_id in ids] == [1, 1, 1]
+    assert runtime_counts(conn, model["id"]) == [(0, 5)]
+
+
+def test_a_runtime_handed_to_a_request_for_another_model_is_given_back(client, conn, db, fake_server):
+    first = served_by(conn, fake_server, name="first")
+    second = served_by(conn, fake_server, name="second")
+    for model in (first, second):   # a running runtime each
+        assert client.post("/dispatch", json=dispatch_body(model=model["name"])).status_code == 200
+    ids = [client.post("/dispatch", json=dispatch_body(model=model["name"], **{"async": True})).get_json()
+           ["request_id"] for model in (first, second)]
+
+    assert WorkerPool(db, client.application.extensions["settings"], workers=1).run_once() is True
+
+    rows = [queue_row(conn, request_id) for request_id in ids]
+    assert [row["status"] for row in rows] == ["completed", "completed"]
+    assert [row["assigned_model_id"] for row in rows] == [first["id"], second["id"]]
+    # Leases: a sync and an async request each, and the second's, handed over and given back.
+    assert runtime_counts(conn, first["id"]) == [(0, 3)]
+    assert runtime_counts(conn, second["id"]) == [(0, 2)]
+
+
+def test_a_runtime_handed_to_a_request_that_fails_before_any_attempt_is_given_back(client, conn, db, fake_server):
+    model = served_by(conn, fake_server)
+    assert client.post("/dispatch", json=dispatch_body()).status_code == 200
+    ids = [client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
+           for _ in range(2)]
+    # The second asks for a complexity no model has by the time it runs.
+    conn.execute("UPDATE request_queue SET request_payload = request_payload || '{\"complexity\": 10}'"
+                 " WHERE id = %s", (ids[1],))
+
+    assert WorkerPool(db, client.application.extensions["settings"], workers=1).run_once() is True
+
+    assert [queue_row(conn, request_id)["status"] for request_id in ids] == ["completed", "failed"]
+    assert runtime_counts(conn, model["id"]) == [(0, 3)]   # the second's lease, handed over, counts
 
 
 def test_each_request_a_burst_announces_wakes_a_worker_of_its_own(monkeypatch):
@@ -471,7 +531,7 @@ def test_each_request_a_burst_announces_wakes_a_worker_of_its_own(monkeypatch):
     pending, started = [], {}
     monkeypatch.setattr(request_queue, "claim_next", lambda conn, **_: {"id": pending.pop()} if pending else None)
 
-    def run_for_a_while(db, settings, row, owner):
+    def run_for_a_while(db, settings, row, owner, **_):
         started[row["id"]] = time.monotonic()
         time.sleep(0.6)
 
