@@ -407,15 +407,16 @@ def _released_to_successor(conn: psycopg.Connection, steps: list[str], drop: str
         runtime AS (SELECT * FROM released UNION ALL SELECT * FROM running WHERE NOT EXISTS (SELECT FROM released))
         SELECT r.*, {completed} AS completed, EXISTS (SELECT FROM released) AS counted, s.*,
                {", ".join(f"c.{column} AS next_{column}" for column in request_queue.COLUMNS)},
-               c.holds_runtime AS next_holds_runtime
+               c.holds_runtime AS next_holds_runtime, c.more_pending AS next_more_pending
         FROM state s LEFT JOIN runtime r ON true LEFT JOIN claimed c ON true
     """, params)
     state = {column: row.pop(column) for column in SELECTION_STATE_COLUMNS}
     next_request = {column: row.pop(f"next_{column}") for column in request_queue.COLUMNS}
     handed_over, counted = row.pop("next_holds_runtime"), row.pop("counted")
+    more_pending = row.pop("next_more_pending")
     runtime = row if row["id"] is not None else None
     if next_request["id"] is not None:
-        successor.row = next_request
+        successor.row, successor.more_pending = next_request, more_pending
         successor.inheritance = Inheritance(runtime if handed_over else None, state,
                                             uncounted=0 if counted or not handed_over else uncounted + 1)
     return runtime

@@ -33,7 +33,8 @@ RETURNING = f" RETURNING {', '.join(COLUMNS)} "
 
 def claimed(*, holding: str = "") -> str:
     """A CTE leasing the next pending request (highest priority, then oldest) to %(owner)s for
-    %(lease)s seconds; `holding`, a CTE name, gives it the runtime (id, model_id) that CTE holds."""
+    %(lease)s seconds, saying whether others are pending (`more_pending`); `holding`, a CTE name,
+    gives it the runtime (id, model_id) that CTE holds."""
     sets = ""
     if holding:
         sets = f""", assigned_model_id = (SELECT model_id FROM {holding}),
@@ -43,7 +44,9 @@ def claimed(*, holding: str = "") -> str:
                                  lease_expires_at = now() + make_interval(secs => %(lease)s), started_at = now() {sets}
         WHERE id = (SELECT id FROM request_queue WHERE status = 'pending'
                     ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-        {RETURNING}, holds_runtime)"""
+        {RETURNING}, holds_runtime,
+        EXISTS (SELECT FROM request_queue other WHERE other.status = 'pending' AND other.id <> request_queue.id)
+            AS more_pending)"""
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Claim:
     lease_seconds: float
     row: dict | None = None
     inheritance: Inheritance | None = None
+    more_pending: bool = False   # whether other requests were pending when it was claimed
 
 
 @dataclass(frozen=True)
@@ -135,12 +139,17 @@ def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_ty
             " FROM unflushed" + RETURNING,
             {**params, "owner": lease_owner, "lease": lease_seconds},
         ).fetchone()
-    # One statement, so the NOTIFY is delivered when the row is committed, even in autocommit.
+    # One statement, so the NOTIFY is delivered when the row is committed, even in autocommit. Only
+    # when no other request is pending: then a worker is already on its way, and each claim that
+    # leaves requests pending wakes another (`more_pending`). Under load this spares the lock that
+    # every committing NOTIFY takes in turn, the queue's bottleneck; idle workers poll as well.
     return conn.execute(
         "WITH queued AS (INSERT INTO request_queue (id, request_payload, task_type, priority, mode, callback_url,"
         " callback_headers) VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'async', %(callback_url)s,"
         " %(callback_headers)s)" + RETURNING + ")"
-        " SELECT queued.* FROM queued, pg_notify(%(channel)s, '')",
+        " SELECT queued.* FROM queued"
+        " LEFT JOIN LATERAL (SELECT pg_notify(%(channel)s, '')"
+        "                    WHERE NOT EXISTS (SELECT FROM request_queue WHERE status = 'pending')) notified ON true",
         {**params, "channel": CHANNEL},
     ).fetchone()
 
@@ -153,7 +162,8 @@ def _row_params(request_id: str, payload: dict, task_type: str, priority: int, c
 
 
 def claim_next(conn: psycopg.Connection, *, owner: str, lease_seconds: float) -> dict | None:
-    """Lease the next pending request (highest priority, then oldest); None when the queue is empty."""
+    """Lease the next pending request (highest priority, then oldest), with `more_pending`: whether
+    others were pending too; None when the queue is empty."""
     # Unflushed: a claim lost in a crash of Postgres leaves the request pending, to be claimed again.
     row = conn.execute(f"WITH {UNFLUSHED}, {claimed()} SELECT claimed.* FROM claimed, unflushed",
                        {"owner": owner, "lease": lease_seconds}).fetchone()

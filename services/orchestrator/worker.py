@@ -4,8 +4,9 @@ Each worker thread claims the next pending request (priority, then age; FOR UPDA
 so no request runs twice), runs it through the pipeline and records the outcome. The statement
 recording a completed request claims the next one too, handing it the same runtime while that still
 runs: a busy queue costs two statements per request (enqueue, end) beside the model's work. Idle
-workers sleep until Postgres NOTIFYs a new request (or a short timeout passes). One thread also
-reclaims, every `queue_reclaim_interval_s`, requests whose lease expired because their worker died.
+workers sleep until a NOTIFY announces a request in an empty queue, a claim leaves others pending,
+or a short timeout passes. One thread also reclaims, every `queue_reclaim_interval_s`, requests
+whose lease expired because their worker died.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class WorkerPool:
         self.stopping = threading.Event()
         # One release per NOTIFY: a wake-up that arrives while every worker is busy is kept, not lost.
         self.wakeups = threading.Semaphore(0)
+        self.idle = 0   # workers waiting for a wake-up
+        self.idle_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -67,13 +70,15 @@ class WorkerPool:
             row = request_queue.claim_next(conn, owner=owner, lease_seconds=self.settings.queue_lease_s)
         if row is None:
             return False
-        claimed = request_queue.Claim(self.settings.queue_lease_s, row)
+        claimed = request_queue.Claim(self.settings.queue_lease_s, row, more_pending=row.pop("more_pending"))
         while claimed.row is not None:
             if spend_wakeup:
                 # Without this, every wake-up left over from a busy spell would cost an empty claim
                 # once the queue runs dry.
                 self.wakeups.acquire(blocking=False)
-            spend_wakeup = True   # a successor was announced by a NOTIFY of its own
+            spend_wakeup = True
+            if claimed.more_pending:   # enqueues NOTIFY only into an empty queue: pass the word on
+                self._wake_an_idle_worker()
             claimed = self._run(claimed, owner)
         return True
 
@@ -99,7 +104,18 @@ class WorkerPool:
             if claimed:
                 woken = False
                 continue
-            woken = self.wakeups.acquire(timeout=self.settings.queue_poll_s)
+            with self.idle_lock:
+                self.idle += 1
+            try:
+                woken = self.wakeups.acquire(timeout=self.settings.queue_poll_s)
+            finally:
+                with self.idle_lock:
+                    self.idle -= 1
+
+    def _wake_an_idle_worker(self) -> None:
+        with self.idle_lock:
+            if self.idle:
+                self.wakeups.release()
 
     def _listen(self) -> None:
         """Turn NOTIFYs into wake-ups, so a new request starts at once rather than at the next poll."""

@@ -18,6 +18,7 @@ import pytest
 from fake_model_server import FakeModelServer
 from orchestrator_helpers import insert_model
 from services.common.config import Settings
+from services.common.db import connect
 from services.orchestrator import create_app, pipeline, queries, request_queue
 from services.orchestrator import worker as worker_module
 from services.orchestrator.dispatch_schemas import DispatchSchema
@@ -526,15 +527,19 @@ def test_a_runtime_handed_to_a_request_that_fails_before_any_attempt_is_given_ba
     assert runtime_counts(conn, model["id"]) == [(0, 3)]   # the second's lease, handed over, counts
 
 
-def test_each_request_a_burst_announces_wakes_a_worker_of_its_own(monkeypatch):
-    """A worker woken by a request's wake-up has spent it: its claim must not spend another's."""
+def burst_started(monkeypatch, wakeups: int) -> tuple[dict, float]:
+    """Two requests arrive while both workers of a pool sleep on an empty queue, announced by
+    `wakeups` wake-ups; when each request started, and when they were announced."""
     pending, started = [], {}
-    monkeypatch.setattr(request_queue, "claim_next", lambda conn, **_: {"id": pending.pop()} if pending else None)
+
+    def claim_next(conn, **_):
+        return {"id": pending.pop(0), "more_pending": bool(pending)} if pending else None
 
     def run_for_a_while(db, settings, row, owner, **_):
         started[row["id"]] = time.monotonic()
         time.sleep(0.6)
 
+    monkeypatch.setattr(request_queue, "claim_next", claim_next)
     monkeypatch.setattr(worker_module, "run_queued_request", run_for_a_while)
 
     class NoDatabase:
@@ -549,14 +554,49 @@ def test_each_request_a_burst_announces_wakes_a_worker_of_its_own(monkeypatch):
     time.sleep(0.1)                  # both asleep on an empty queue, until a wake-up or 5 s
     pending.extend(["a", "b"])
     announced = time.monotonic()
-    pool.wakeups.release(2)          # two NOTIFYs
+    pool.wakeups.release(wakeups)
     deadline = announced + 2.0
     while len(started) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     pool.stop(timeout_s=2.0)
+    return started, announced
+
+
+def test_each_request_a_burst_announces_wakes_a_worker_of_its_own(monkeypatch):
+    """A worker woken by a request's wake-up has spent it: its claim must not spend another's."""
+    started, announced = burst_started(monkeypatch, wakeups=2)   # two NOTIFYs
 
     assert sorted(started) == ["a", "b"]
     assert max(started.values()) - announced < 0.4   # not after the other's run, nor at the next poll
+
+
+def test_a_claim_leaving_requests_pending_wakes_another_worker(monkeypatch):
+    """Only an enqueue into an empty queue NOTIFYs: the worker it wakes passes the word on."""
+    started, announced = burst_started(monkeypatch, wakeups=1)
+
+    assert sorted(started) == ["a", "b"]
+    assert max(started.values()) - announced < 0.4
+
+
+def test_only_an_enqueue_into_an_empty_queue_notifies(fresh_database_url):
+    with psycopg.connect(fresh_database_url, autocommit=True) as listener, \
+            connect(fresh_database_url, autocommit=True) as conn:
+        listener.execute(f"LISTEN {request_queue.CHANNEL}")
+
+        def enqueue() -> None:
+            request_queue.enqueue(conn, request_id=str(uuid.uuid4()), payload=dispatch_body(),
+                                  task_type="question-answering", priority=5, mode="async", callback_url=None)
+
+        def notifications() -> int:
+            return len(list(listener.notifies(timeout=0.3)))
+
+        enqueue()
+        enqueue()
+        assert notifications() == 1
+        assert request_queue.claim_next(conn, owner="w", lease_seconds=30)["more_pending"] is True
+        assert request_queue.claim_next(conn, owner="w", lease_seconds=30)["more_pending"] is False
+        enqueue()   # into an empty queue again
+        assert notifications() == 1
 
 
 def test_prefer_respond_async_queues_too(client, conn):
