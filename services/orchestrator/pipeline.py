@@ -138,15 +138,15 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
     """Run a request this owner holds the lease of; record its end (and call back, if asked).
 
     A worker keeps going after a failed request; `raise_problem` raises its problem instead. With a
-    `successor`, the statement completing the request claims the next one into it, for this owner;
+    `successor`, the statement completing the request claims the next one into it, for this owner (not
+    for a request with a callback: the next one would wait for the call, its lease not renewed);
     `inheritance` is what a request claimed that way got from its predecessor.
     """
+    if row.get("callback_url"):
+        successor = None
     queue_wait_ms = max(0.0, (row["started_at"] - row["created_at"]).total_seconds() * 1000)
     holder = Holder(str(row["id"]), owner, successor=successor, inheritance=inheritance)
-    try:
-        return _run_request(db, settings, row, holder, queue_wait_ms=queue_wait_ms, raise_problem=raise_problem)
-    finally:
-        take_inherited_runtime(db, settings, holder)   # gives back one no attempt ran on
+    return _run_request(db, settings, row, holder, queue_wait_ms=queue_wait_ms, raise_problem=raise_problem)
 
 
 def run_sync_request(db: Database, settings: Settings, request_id: str, payload: dict, *,
@@ -171,6 +171,7 @@ def _run_request(db: Database, settings: Settings, row: dict, holder: Holder, *,
             answered = dispatch(db, settings, request_id, DispatchRequest.from_payload(row["request_payload"]),
                                 queue_wait_ms=queue_wait_ms, holder=holder)
     except Exception as error:
+        take_inherited_runtime(db, settings, holder)   # gives back a runtime no attempt ran on
         details = _error_details(error)
         with db.connection(autocommit=True) as conn:
             recorded = request_queue.fail(conn, request_id, owner=owner, error_details=details,

@@ -367,19 +367,23 @@ def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = N
     if performance is not None:
         steps.append(f"logged AS ({INSERT_PERFORMANCE})")
         params["rows"] = performance_rows([performance])
-    uncounted = _take_uncounted(holder)
+    inheritance = holder.inheritance if holder is not None else None
+    uncounted = inheritance.uncounted if inheritance is not None else 0
     if holder is not None and holder.successor is not None and result is not None:
-        return _released_to_successor(conn, steps, drop, completed, params, holder.successor, uncounted)
-    params["uncounted"] = uncounted
-    return _one(conn, f"""
-        {"WITH " + ", ".join(steps) if steps else ""}
-        UPDATE container_lifecycle r
-        SET active_requests = greatest(r.active_requests - {drop}, 0), last_activity = now(),
-            total_requests = r.total_requests + %(uncounted)s
-        FROM model_registry m {", unflushed" if unflushed else ""}
-        WHERE r.id = %(id)s AND m.id = r.model_id
-        RETURNING r.id, r.model_id, r.active_requests, r.status, m.keep_alive_seconds, {completed} AS completed
-    """, params)
+        row = _released_to_successor(conn, steps, drop, completed, params, holder.successor, uncounted)
+    else:
+        row = _one(conn, f"""
+            {"WITH " + ", ".join(steps) if steps else ""}
+            UPDATE container_lifecycle r
+            SET active_requests = greatest(r.active_requests - {drop}, 0), last_activity = now(),
+                total_requests = r.total_requests + %(uncounted)s
+            FROM model_registry m {", unflushed" if unflushed else ""}
+            WHERE r.id = %(id)s AND m.id = r.model_id
+            RETURNING r.id, r.model_id, r.active_requests, r.status, m.keep_alive_seconds, {completed} AS completed
+        """, {**params, "uncounted": uncounted})
+    if inheritance is not None:
+        inheritance.uncounted = 0   # added by the first release of the request that ran
+    return row
 
 
 def _released_to_successor(conn: psycopg.Connection, steps: list[str], drop: str, completed: str, params: dict,
@@ -420,15 +424,6 @@ def _released_to_successor(conn: psycopg.Connection, steps: list[str], drop: str
         successor.inheritance = Inheritance(runtime if handed_over else None, state,
                                             uncounted=0 if counted or not handed_over else uncounted + 1)
     return runtime
-
-
-def _take_uncounted(holder: Holder | None) -> int:
-    """The requests served on the holder's inherited runtime that its row does not count yet, once:
-    the release that adds them is the first of the request's."""
-    if holder is None or holder.inheritance is None:
-        return 0
-    uncounted, holder.inheritance.uncounted = holder.inheritance.uncounted, 0
-    return uncounted
 
 
 def active_requests(conn: psycopg.Connection, runtime_id: str) -> int:

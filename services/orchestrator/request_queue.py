@@ -24,6 +24,8 @@ from services.common.errors import Conflict
 # Workers LISTEN on this channel; an async enqueue NOTIFYs it when its transaction commits.
 # Lease lengths are settings (queue_lease_s, queue_lease_renew_s) passed in by the callers.
 CHANNEL = "request_queue"
+# An async enqueue NOTIFYs only while fewer requests than this are pending (a backlog keeps workers busy).
+NOTIFY_BELOW_BACKLOG = 32
 
 COLUMNS = ("id", "request_payload", "task_type", "priority", "mode", "status", "attempts", "assigned_model_id",
            "assigned_runtime_id", "lease_owner", "lease_expires_at", "callback_url", "callback_headers", "result",
@@ -140,17 +142,18 @@ def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_ty
             {**params, "owner": lease_owner, "lease": lease_seconds},
         ).fetchone()
     # One statement, so the NOTIFY is delivered when the row is committed, even in autocommit. Only
-    # when no other request is pending: then a worker is already on its way, and each claim that
-    # leaves requests pending wakes another (`more_pending`). Under load this spares the lock that
-    # every committing NOTIFY takes in turn, the queue's bottleneck; idle workers poll as well.
+    # while few requests are pending: behind a backlog, workers are busy, and each claim that leaves
+    # requests pending wakes another (`more_pending`). Under load this spares the lock that every
+    # committing NOTIFY takes in turn, the queue's bottleneck; idle workers poll as well.
     return conn.execute(
         "WITH queued AS (INSERT INTO request_queue (id, request_payload, task_type, priority, mode, callback_url,"
         " callback_headers) VALUES (%(id)s, %(payload)s, %(task_type)s, %(priority)s, 'async', %(callback_url)s,"
         " %(callback_headers)s)" + RETURNING + ")"
         " SELECT queued.* FROM queued"
-        " LEFT JOIN LATERAL (SELECT pg_notify(%(channel)s, '')"
-        "                    WHERE NOT EXISTS (SELECT FROM request_queue WHERE status = 'pending')) notified ON true",
-        {**params, "channel": CHANNEL},
+        " LEFT JOIN LATERAL (SELECT pg_notify(%(channel)s, '') WHERE (SELECT count(*) FROM"
+        "  (SELECT FROM request_queue WHERE status = 'pending' LIMIT %(backlog)s) pending) < %(backlog)s) notified"
+        " ON true",
+        {**params, "channel": CHANNEL, "backlog": NOTIFY_BELOW_BACKLOG},
     ).fetchone()
 
 

@@ -4,8 +4,8 @@ Each worker thread claims the next pending request (priority, then age; FOR UPDA
 so no request runs twice), runs it through the pipeline and records the outcome. The statement
 recording a completed request claims the next one too, handing it the same runtime while that still
 runs: a busy queue costs two statements per request (enqueue, end) beside the model's work. Idle
-workers sleep until a NOTIFY announces a request in an empty queue, a claim leaves others pending,
-or a short timeout passes. One thread also reclaims, every `queue_reclaim_interval_s`, requests
+workers sleep until a NOTIFY announces a request (only while few are pending), a claim leaves
+others pending, or a short timeout passes. One thread also reclaims, every `queue_reclaim_interval_s`, requests
 whose lease expired because their worker died.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ class WorkerPool:
                 # once the queue runs dry.
                 self.wakeups.acquire(blocking=False)
             spend_wakeup = True
-            if claimed.more_pending:   # enqueues NOTIFY only into an empty queue: pass the word on
+            if claimed.more_pending:   # enqueues behind a backlog NOTIFY no one: pass the word on
                 self._wake_an_idle_worker()
             claimed = self._run(claimed, owner)
         return True

@@ -267,3 +267,14 @@ def test_callback_headers_within_the_bounds_are_taken(client, conn, headers):
 
     assert accepted.status_code == 202, accepted.get_json()
     assert stored(conn, accepted.get_json()["request_id"])["callback_headers"] == headers
+
+
+def test_a_request_with_a_callback_claims_no_successor(client, conn, db, served, receiver):
+    """The next request would wait for the call, its lease not renewed: it is claimed on its own."""
+    first, second = (client.post("/dispatch", json=dispatch_body(receiver.url, **{"async": True})).get_json()
+                     ["request_id"] for _ in range(2))
+
+    assert WorkerPool(db, client.application.extensions["settings"], workers=1).run_once() is True
+
+    assert [stored(conn, request_id)["status"] for request_id in (first, second)] == ["completed", "pending"]
+    assert len(receiver.bodies) == 1

@@ -571,14 +571,15 @@ def test_each_request_a_burst_announces_wakes_a_worker_of_its_own(monkeypatch):
 
 
 def test_a_claim_leaving_requests_pending_wakes_another_worker(monkeypatch):
-    """Only an enqueue into an empty queue NOTIFYs: the worker it wakes passes the word on."""
+    """An enqueue behind a backlog NOTIFYs no one: the worker a claim wakes passes the word on."""
     started, announced = burst_started(monkeypatch, wakeups=1)
 
     assert sorted(started) == ["a", "b"]
     assert max(started.values()) - announced < 0.4
 
 
-def test_only_an_enqueue_into_an_empty_queue_notifies(fresh_database_url):
+def test_an_enqueue_behind_a_backlog_notifies_no_one(fresh_database_url, monkeypatch):
+    monkeypatch.setattr(request_queue, "NOTIFY_BELOW_BACKLOG", 2)
     with psycopg.connect(fresh_database_url, autocommit=True) as listener, \
             connect(fresh_database_url, autocommit=True) as conn:
         listener.execute(f"LISTEN {request_queue.CHANNEL}")
@@ -590,12 +591,12 @@ def test_only_an_enqueue_into_an_empty_queue_notifies(fresh_database_url):
         def notifications() -> int:
             return len(list(listener.notifies(timeout=0.3)))
 
-        enqueue()
-        enqueue()
-        assert notifications() == 1
-        assert request_queue.claim_next(conn, owner="w", lease_seconds=30)["more_pending"] is True
-        assert request_queue.claim_next(conn, owner="w", lease_seconds=30)["more_pending"] is False
-        enqueue()   # into an empty queue again
+        for _ in range(3):
+            enqueue()
+        assert notifications() == 2      # the third came behind two pending
+        claims = [request_queue.claim_next(conn, owner="w", lease_seconds=30) for _ in range(3)]
+        assert [claim["more_pending"] for claim in claims] == [True, True, False]
+        enqueue()                        # into an empty queue again
         assert notifications() == 1
 
 
