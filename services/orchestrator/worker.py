@@ -5,8 +5,8 @@ so no request runs twice), runs it through the pipeline and records the outcome.
 recording a completed request claims the next one too, handing it the same runtime while that still
 runs: a busy queue costs two statements per request (enqueue, end) beside the model's work. Idle
 workers sleep until a NOTIFY announces a request (only while few are pending), a claim leaves
-others pending, or a short timeout passes. One thread also reclaims, every `queue_reclaim_interval_s`, requests
-whose lease expired because their worker died.
+others pending, or a short timeout passes. One thread also reclaims, every
+`queue_reclaim_interval_s`, requests whose lease expired because their worker died.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ class WorkerPool:
         self.settings = settings
         self.workers = workers
         self.stopping = threading.Event()
-        # One release per NOTIFY: a wake-up that arrives while every worker is busy is kept, not lost.
+        # One release per NOTIFY (and per claim passing the word on to an idle worker): a wake-up that
+        # arrives while every worker is busy is kept, not lost.
         self.wakeups = threading.Semaphore(0)
         self.idle = 0   # workers waiting for a wake-up
         self.idle_lock = threading.Lock()
@@ -62,8 +63,8 @@ class WorkerPool:
         """Claim and run a request, and the successors its completion claims; False when the queue
         was empty.
 
-        A claim spends one wake-up (each NOTIFY announced one request), unless the caller has just
-        spent one waking up for it (`spend_wakeup=False`).
+        A claim spends one wake-up (a NOTIFY announces one request), unless the caller has just spent
+        one waking up for it (`spend_wakeup=False`).
         """
         owner = request_queue.lease_owner()
         with self.db.connection(autocommit=True) as conn:
