@@ -138,12 +138,9 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
     """Run a request this owner holds the lease of; record its end (and call back, if asked).
 
     A worker keeps going after a failed request; `raise_problem` raises its problem instead. With a
-    `successor`, the statement completing the request claims the next one into it, for this owner (not
-    for a request with a callback: the next one would wait for the call, its lease not renewed);
+    `successor`, the statement completing the request claims the next one into it, for this owner;
     `inheritance` is what a request claimed that way got from its predecessor.
     """
-    if row.get("callback_url"):
-        successor = None
     queue_wait_ms = max(0.0, (row["started_at"] - row["created_at"]).total_seconds() * 1000)
     holder = Holder(str(row["id"]), owner, successor=successor, inheritance=inheritance)
     return _run_request(db, settings, row, holder, queue_wait_ms=queue_wait_ms, raise_problem=raise_problem)

@@ -37,16 +37,17 @@ def claimed(*, holding: str = "") -> str:
     """A CTE leasing the next pending request (highest priority, then oldest) to %(owner)s for
     %(lease)s seconds, saying whether others are pending (`more_pending`); `holding`, a CTE name,
     gives it the runtime (id, model_id) that CTE holds."""
-    sets = ""
+    sets, returned = "", ""
     if holding:
         sets = f""", assigned_model_id = (SELECT model_id FROM {holding}),
                    assigned_runtime_id = (SELECT id FROM {holding}), holds_runtime = EXISTS (SELECT FROM {holding})"""
+        returned = ", holds_runtime"
     return f"""claimed AS (
         UPDATE request_queue SET status = 'processing', attempts = attempts + 1, lease_owner = %(owner)s,
                                  lease_expires_at = now() + make_interval(secs => %(lease)s), started_at = now() {sets}
         WHERE id = (SELECT id FROM request_queue WHERE status = 'pending'
                     ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-        {RETURNING}, holds_runtime,
+        {RETURNING}{returned},
         EXISTS (SELECT FROM request_queue other WHERE other.status = 'pending' AND other.id <> request_queue.id)
             AS more_pending)"""
 
@@ -168,11 +169,8 @@ def claim_next(conn: psycopg.Connection, *, owner: str, lease_seconds: float) ->
     """Lease the next pending request (highest priority, then oldest), with `more_pending`: whether
     others were pending too; None when the queue is empty."""
     # Unflushed: a claim lost in a crash of Postgres leaves the request pending, to be claimed again.
-    row = conn.execute(f"WITH {UNFLUSHED}, {claimed()} SELECT claimed.* FROM claimed, unflushed",
-                       {"owner": owner, "lease": lease_seconds}).fetchone()
-    if row is not None:
-        del row["holds_runtime"]
-    return row
+    return conn.execute(f"WITH {UNFLUSHED}, {claimed()} SELECT claimed.* FROM claimed, unflushed",
+                        {"owner": owner, "lease": lease_seconds}).fetchone()
 
 
 def lease_held(conn: psycopg.Connection, holder: Holder) -> bool:

@@ -87,9 +87,11 @@ class WorkerPool:
         """Run a claimed request; the next one, if the statement completing it claimed one."""
         row = claimed.row
         successor = request_queue.Claim(self.settings.queue_lease_s)
+        # Not after a request with a callback: the next one would wait for the call, its lease not renewed.
+        hand_over = not (self.stopping.is_set() or row.get("callback_url"))
         try:
             run_queued_request(self.db, self.settings, row, owner=owner, inheritance=claimed.inheritance,
-                               successor=None if self.stopping.is_set() else successor)
+                               successor=successor if hand_over else None)
         except Exception:
             logger.exception("request failed unexpectedly", extra={"dispatch_id": str(row["id"])})
         return successor
