@@ -14,6 +14,7 @@ from flask_smorest.utils import prepare_response
 
 from services.common import errors
 from services.common.config import Settings
+from services.common.json_provider import OrjsonProvider
 from services.common.db import NUL_ESCAPE, PooledDatabase, get_db
 from services.common.logs import configure_logging
 from services.common.metrics import install_request_metrics, metrics_response
@@ -76,6 +77,7 @@ def create_service_app(service: str, title: str, blueprints: Iterable[Blueprint]
                        test_config: dict | None = None, import_name: str = __name__) -> Flask:
     """Build a service app: defaults, then environment, then `test_config`."""
     app = Flask(import_name)
+    app.json = OrjsonProvider(app)
     app.config.update(Settings.from_env().as_flask_config())
     app.config.update(
         API_TITLE=title,

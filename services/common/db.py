@@ -1,7 +1,6 @@
 """One connection pool per process; a `Database` hands out connections that commit or roll back."""
 from __future__ import annotations
 
-import json
 import re
 import select
 import threading
@@ -9,25 +8,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Protocol
 
+import orjson
 import psycopg
 from flask import current_app
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
-from psycopg.types.json import set_json_dumps
+from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import ConnectionPool
 
 # An escaped U+0000 in JSON text: preceded by an even number of backslashes (escaped ones).
 NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+NUL_ESCAPE_BYTES = re.compile(NUL_ESCAPE.pattern.encode())
 
 
-def jsonb_dumps(value) -> str:
+def jsonb_dumps(value) -> bytes:
     """JSON for jsonb: Postgres refuses U+0000 there, so a NUL (a model's output can have one) is
     stored as U+FFFD rather than failing the statement that records the answer."""
-    text = json.dumps(value)
-    return NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
+    text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    return NUL_ESCAPE_BYTES.sub(rb"\1\\ufffd", text) if b"\\u0000" in text else text
 
 
 set_json_dumps(jsonb_dumps)
+set_json_loads(orjson.loads)
 
 # A CTE for statements that write transient state (a lease, a runtime's busy count): their commit
 # does not wait for the WAL to reach the disk (`synchronous_commit` off for that transaction only).

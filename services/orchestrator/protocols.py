@@ -10,12 +10,12 @@ requests' session machinery costs about half a millisecond per call for nothing 
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
+import orjson
 import urllib3
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import NewConnectionError
@@ -193,7 +193,7 @@ class ModelClient:
     def _call(self, method: str, path: str, body: dict | None = None, *, stream: bool = False) -> _Answer:
         url = self.base_url + path
         try:
-            response = self.pool.request(method, url, body=None if body is None else json.dumps(body).encode(),
+            response = self.pool.request(method, url, body=None if body is None else orjson.dumps(body),
                                          headers=JSON_HEADERS, timeout=self._timeout(), preload_content=not stream)
         except TransportError as exc:
             if _is_timeout(exc):
@@ -229,7 +229,7 @@ class _Answer:
     def json_body(self) -> dict:
         self.checked()
         try:
-            body = json.loads(self.response.data)
+            body = orjson.loads(self.response.data)
         except (ValueError, TransportError) as exc:
             raise ModelServerError(f"{self.url} answered something that is not JSON: {exc}") from exc
         if not isinstance(body, dict):
@@ -292,7 +292,7 @@ class OpenAIClient(ModelClient):
             if data == "[DONE]":
                 yield self._finish("".join(text), finish, usage, timings, (time.perf_counter() - started) * 1000)
                 return
-            chunk = json.loads(data)
+            chunk = orjson.loads(data)
             usage = chunk.get("usage") or usage
             timings = chunk.get("timings") or timings
             for choice in chunk.get("choices") or []:
@@ -342,7 +342,7 @@ class OllamaClient(ModelClient):
         try:
             for line in _lines(answer.response):
                 if line:
-                    last = json.loads(line)
+                    last = orjson.loads(line)
                     if "error" in last:
                         raise ModelServerError(f"pulling {self.model_name} failed: {last['error']}")
                     on_progress(last)
@@ -378,7 +378,7 @@ class OllamaClient(ModelClient):
         for line in _lines(response):
             if not line:
                 continue
-            chunk = json.loads(line)
+            chunk = orjson.loads(line)
             if "error" in chunk:
                 raise ModelServerError(f"the model server reported: {chunk['error']}")
             piece = chunk["message"]["content"] if "message" in chunk else chunk.get("response", "")
