@@ -6,6 +6,7 @@ from unittest.mock import ANY
 import pytest
 
 from fake_model_server import FakeModelServer
+from services.orchestrator import protocols
 from services.orchestrator.protocols import (ModelServerError, ModelServerTimeout, OllamaClient, OpenAIClient,
                                              Options, client_for, served_model_name, server_ready)
 
@@ -135,9 +136,35 @@ def test_garbage_json_is_a_bad_gateway(fake_server, client_class):
 def test_a_dropped_connection_is_a_bad_gateway_and_is_not_retried(fake_server, client_class):
     fake_server.config.fault = "drop"
 
-    with pytest.raises(ModelServerError, match="Remote end closed connection without response"):
+    with pytest.raises(ModelServerError, match="failed: Empty reply from server"):
         client_class(fake_server.url, "fake").generate("Hi")
     assert len([r for r in fake_server.requests if r["method"] == "POST"]) == 1
+
+
+def test_a_model_server_is_never_reached_through_an_environment_proxy(fake_server, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")   # nothing listens there
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+
+    assert OpenAIClient(fake_server.url, "fake").generate("Hi").text == REPLY
+
+
+def test_a_restarted_server_is_reached_again_on_a_new_connection():
+    with FakeModelServer() as server:
+        client = OpenAIClient(server.url, "fake")
+        assert client.generate("Hi").text == REPLY       # a connection kept open by this thread
+        port = server.port
+    with FakeModelServer(port=port):                      # the old connection is dead
+        assert client.generate("Hi").text == REPLY
+
+
+def test_a_forked_process_opens_connections_of_its_own(monkeypatch):
+    parent = protocols._curl_handle()
+    assert protocols._curl_handle() is parent
+    monkeypatch.setattr(protocols.os, "getpid", lambda: -1)
+
+    assert protocols._curl_handle() is not parent
 
 
 @pytest.mark.parametrize("client_class", [OpenAIClient, OllamaClient])
