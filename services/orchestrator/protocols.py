@@ -212,14 +212,25 @@ class ModelClient:
         return _Answer(url, status=response.status, response=response)
 
 
-_curl = threading.local()
+class _CurlHandles(threading.local):
+    handle: pycurl.Curl | None = None
+
+
+_curl = _CurlHandles()
+
+
+def _forget_curl_handles() -> None:
+    global _curl
+    _curl = _CurlHandles()  # a forked child does not use its parent's connections
+
+
+os.register_at_fork(after_in_child=_forget_curl_handles)
 
 
 def _curl_handle() -> pycurl.Curl:
-    """This thread's libcurl handle, which keeps its connections open between calls; a new one
-    in a forked process (the parent's connections are not the child's to use)."""
-    if getattr(_curl, "pid", None) != os.getpid():
-        _curl.handle, _curl.pid = pycurl.Curl(), os.getpid()
+    """This thread's libcurl handle, which keeps its connections open between calls."""
+    if _curl.handle is None:
+        _curl.handle = pycurl.Curl()
     return _curl.handle
 
 

@@ -1,6 +1,7 @@
 """The Ollama and OpenAI clients against the fake model server: answers, streams, options and faults."""
 from __future__ import annotations
 
+import os
 from unittest.mock import ANY
 
 import pytest
@@ -159,12 +160,17 @@ def test_a_restarted_server_is_reached_again_on_a_new_connection():
         assert client.generate("Hi").text == REPLY
 
 
-def test_a_forked_process_opens_connections_of_its_own(monkeypatch):
+def test_a_forked_process_opens_connections_of_its_own():
     parent = protocols._curl_handle()
     assert protocols._curl_handle() is parent
-    monkeypatch.setattr(protocols.os, "getpid", lambda: -1)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(writer, b"new" if protocols._curl_handle() is not parent else b"same")
+        os._exit(0)
+    os.waitpid(child, 0)
 
-    assert protocols._curl_handle() is not parent
+    assert os.read(reader, 10) == b"new"
 
 
 @pytest.mark.parametrize("client_class", [OpenAIClient, OllamaClient])
