@@ -14,8 +14,8 @@ from flask_smorest.utils import prepare_response
 
 from services.common import errors
 from services.common.config import Settings
-from services.common.json_provider import OrjsonProvider
 from services.common.db import NUL_ESCAPE, PooledDatabase, get_db
+from services.common.json_provider import OrjsonProvider
 from services.common.logs import configure_logging
 from services.common.metrics import install_request_metrics, metrics_response
 
