@@ -8,13 +8,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Protocol
 
-import orjson
 import psycopg
 from flask import current_app
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import ConnectionPool
+
+from services.common import fast_json
 
 # An escaped U+0000 in JSON text: preceded by an even number of backslashes (escaped ones).
 NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
@@ -24,12 +25,12 @@ NUL_ESCAPE_BYTES = re.compile(NUL_ESCAPE.pattern.encode())
 def jsonb_dumps(value) -> bytes:
     """JSON for jsonb: Postgres refuses U+0000 there, so a NUL (a model's output can have one) is
     stored as U+FFFD rather than failing the statement that records the answer."""
-    text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    text = fast_json.dumps(value)
     return NUL_ESCAPE_BYTES.sub(rb"\1\\ufffd", text) if b"\\u0000" in text else text
 
 
 set_json_dumps(jsonb_dumps)
-set_json_loads(orjson.loads)
+set_json_loads(fast_json.loads)
 
 # A CTE for statements that write transient state (a lease, a runtime's busy count): their commit
 # does not wait for the WAL to reach the disk (`synchronous_commit` off for that transaction only).

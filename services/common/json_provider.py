@@ -11,6 +11,8 @@ from flask import Response
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.http import http_date
 
+from services.common import fast_json
+
 # As Flask's: sorted keys, dates as HTTP dates (handed to `_default`).
 OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
 
@@ -31,12 +33,17 @@ class OrjsonProvider(DefaultJSONProvider):
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         if kwargs:  # options orjson does not have (indent=4, say)
             return super().dumps(obj, **kwargs)
-        return orjson.dumps(obj, default=_default, option=OPTIONS).decode()
+        return self._dumps(obj).decode()
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
-        return orjson.loads(s)
+        return fast_json.loads(s)
 
     def response(self, *args: Any, **kwargs: Any) -> Response:
         obj = self._prepare_response_obj(args, kwargs)
-        return self._app.response_class(orjson.dumps(obj, default=_default, option=OPTIONS) + b"\n",
-                                        mimetype=self.mimetype)
+        return self._app.response_class(self._dumps(obj) + b"\n", mimetype=self.mimetype)
+
+    def _dumps(self, obj: Any) -> bytes:
+        try:
+            return orjson.dumps(obj, default=_default, option=OPTIONS)
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits, say: Flask's own way
+            return super().dumps(obj).encode()

@@ -1,11 +1,13 @@
-"""The pool's connections: the round-trip-free liveness check, and autocommit blocks."""
+"""The pool's connections: the round-trip-free liveness check, autocommit blocks, and JSON in jsonb."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from services.common.db import PooledDatabase, SingleConnectionDatabase, check_idle_connection, connect
 
@@ -90,3 +92,13 @@ def test_a_single_connection_keeps_an_autocommit_blocks_writes_when_it_raises_af
     with pytest.raises(psycopg.errors.DivisionByZero), db.connection(autocommit=True) as block:
         block.execute("SELECT 1 / 0")
     assert conn.execute("SELECT array_agg(n) AS ns FROM autocommit_kept").fetchone() == {"ns": [1]}
+
+
+@pytest.mark.parametrize("value", [{"big": 2**70, "negative": -(2**65), "exact": 12345678901234567890123},
+                                   {"text": "a\u0000b", "unicode": "é ☃", "nested": [[{"x": 1.5}]]}])
+def test_jsonb_keeps_integers_beyond_64_bits_exact_and_replaces_nul(conn, value):
+    stored = conn.execute("SELECT %s::jsonb AS value", (Jsonb(value),)).fetchone()["value"]
+
+    expected = json.loads(json.dumps(value).replace("\\u0000", "\\ufffd"))
+    assert stored == expected
+    assert all(type(stored[key]) is type(expected[key]) for key in expected)

@@ -28,6 +28,7 @@ VALUES = [
     [Point(1, 2.5)],
     "text",
     12345678901234567,
+    {"big": 2**70, "small": -(2**65), "nested": [[[{"x": 1}]]]},
 ]
 
 
@@ -62,9 +63,17 @@ def test_keys_are_sorted_and_options_fall_back_to_flask(providers):
     assert fast.dumps({"a": 1}, indent=2) == '{\n  "a": 1\n}'
 
 
-def test_loads_and_refuses_what_is_not_json(providers):
+@pytest.mark.parametrize("text", ['{"a": [1, "\\u00e9"]}', '{"big": 1180591620717411303424, "n": -36893488147419103232}',
+                                  '[1e400, NaN, -Infinity]', '{"id": "12345678901234567890123", "x": 1.5}'])
+def test_loads_reads_what_the_standard_library_reads(providers, text):
     fast, _ = providers
-    assert fast.loads(b'{"a": [1, "\\u00e9"]}') == {"a": [1, "é"]}
+    expected = json.loads(text)
+    for given in (text, text.encode()):
+        assert json.dumps(fast.loads(given)) == json.dumps(expected)   # NaN compares unequal to itself
+
+
+def test_loads_refuses_what_is_not_json(providers):
+    fast, _ = providers
     with pytest.raises(ValueError):
         fast.loads("{not json")
 
