@@ -74,6 +74,7 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.server.connections.add(self.connection)
+        self.server.connections_opened += 1
 
     def finish(self) -> None:
         self.server.connections.discard(self.connection)
@@ -265,6 +266,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), Handler)
         self.state = state
         self.connections: set[socket.socket] = set()
+        self.connections_opened = 0
 
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a client gone is normal
@@ -295,6 +297,11 @@ class FakeModelServer:
     @property
     def requests(self) -> list[dict]:
         return self.state.requests
+
+    @property
+    def connections_opened(self) -> int:
+        """The TCP connections clients opened to this server."""
+        return self._server.connections_opened
 
     @property
     def port(self) -> int:

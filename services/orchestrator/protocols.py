@@ -5,28 +5,30 @@ holds the `Generation` once exhausted. Failures raise problems dispatch can act 
 `ModelServerError` (502: refused, dropped, 5xx, garbage) and `ModelServerTimeout` (504).
 POSTs are never retried here: a request that reached a model server is not sent twice.
 
-A whole answer (a generation, a model list) comes through libcurl (pycurl), on a connection kept
-open per thread and model server: a model call is the dispatcher's hot path, and there it costs
-0.12 ms of CPU against urllib3's 0.37 (the call, its JSON and its answer's). Streams and readiness
-probes go through a urllib3 pool.
+A whole answer (a generation, a model list) comes through libcurl (pycurl), on connections kept
+open between calls: a model call is the dispatcher's hot path, and there it costs 0.12 ms of CPU
+against urllib3's 0.37 (the call, its JSON and its answer's). Streams and readiness probes go
+through a urllib3 pool.
 """
 from __future__ import annotations
 
 import io
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
-import orjson
 import pycurl
 import urllib3
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import NewConnectionError
 from urllib3.exceptions import TimeoutError as TransportTimeout
 
+from services.common import fast_json
 from services.common.errors import BadGateway, GatewayTimeout
 
 CONNECT_TIMEOUT_S = 3.0
@@ -34,7 +36,9 @@ PROBE_TIMEOUT_S = 1.0
 DEFAULT_GENERATION_TIMEOUT_S = 300.0
 STREAM_READ_BYTES = 512        # a streamed answer is read in small pieces, as the server sends them
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-CURL_JSON_HEADERS = [f"{name}: {value}" for name, value in JSON_HEADERS.items()]
+# "Expect:" unset: libcurl would wait up to a second for a "100 Continue" before sending a large body.
+CURL_JSON_HEADERS = [f"{name}: {value}" for name, value in JSON_HEADERS.items()] + ["Expect:"]
+USER_AGENT = "ai-model-dispatcher"
 
 
 class ModelServerError(BadGateway):
@@ -200,7 +204,7 @@ class ModelClient:
     def _call(self, path: str, body: dict | None = None, *, stream: bool = False) -> _Answer:
         """POST `body` (GET without one): the whole answer, or with `stream` the response to read."""
         url = self.base_url + path
-        payload = None if body is None else orjson.dumps(body)
+        payload = None if body is None else fast_json.dumps(body)
         if not stream:
             status, data = _fetch(url, payload, self.timeout_s)
             return _Answer(url, status=status, data=data)
@@ -214,50 +218,79 @@ class ModelClient:
         return _Answer(url, status=response.status, response=response)
 
 
-class _CurlHandles(threading.local):
-    handle: pycurl.Curl | None = None
+class _CurlPool:
+    """libcurl handles shared by a process's threads, the last one given back taken first: calls one
+    after another go over one kept-open connection, calls at the same time over as many (a llama.cpp
+    server serves a handful of connections at a time: one per thread would starve it)."""
+
+    def __init__(self) -> None:
+        self._idle: list[pycurl.Curl] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def handle(self) -> Iterator[pycurl.Curl]:
+        with self._lock:
+            handle = self._idle.pop() if self._idle else pycurl.Curl()
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                self._idle.append(handle)
 
 
-_curl = _CurlHandles()
+_curl_pool = _CurlPool()
 
 
-def _forget_curl_handles() -> None:
-    global _curl
-    _curl = _CurlHandles()  # a forked child does not use its parent's connections
+def _forget_curl_pool() -> None:
+    global _curl_pool
+    _curl_pool = _CurlPool()  # a forked child does not use its parent's connections
 
 
-os.register_at_fork(after_in_child=_forget_curl_handles)
+os.register_at_fork(after_in_child=_forget_curl_pool)
 
 
-def _curl_handle() -> pycurl.Curl:
-    """This thread's libcurl handle, which keeps its connections open between calls."""
-    if _curl.handle is None:
-        _curl.handle = pycurl.Curl()
-    return _curl.handle
+@lru_cache(maxsize=1)
+def _trusted_certificates() -> ssl.DefaultVerifyPaths:
+    """The system's CA certificates, as urllib3 trusts them (the wheel's libcurl looks for Red Hat's)."""
+    return ssl.get_default_verify_paths()
 
 
 def _fetch(url: str, body: bytes | None, timeout_s: float) -> tuple[int, bytes]:
     """POST `body` (GET without one): the answer's status and its whole body, within `timeout_s` in all."""
-    handle, answer = _curl_handle(), io.BytesIO()
-    handle.reset()  # the options of the last call go; its open connections stay
-    handle.setopt(pycurl.URL, url)
-    handle.setopt(pycurl.PROXY, "")  # model servers are never reached through an environment proxy
-    handle.setopt(pycurl.NOSIGNAL, 1)
-    handle.setopt(pycurl.CONNECTTIMEOUT_MS, int(CONNECT_TIMEOUT_S * 1000))
-    handle.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout_s * 1000)))
-    handle.setopt(pycurl.HTTPHEADER, CURL_JSON_HEADERS)
-    if body is not None:
-        handle.setopt(pycurl.POSTFIELDS, body)
-    handle.setopt(pycurl.WRITEDATA, answer)
-    try:
-        handle.perform()
-    except pycurl.error as exc:
-        code, message = exc.args
-        # A timeout once connected is a slow server; before, as a refused connection, one that is down.
-        if code == pycurl.E_OPERATION_TIMEDOUT and handle.getinfo(pycurl.PRETRANSFER_TIME) > 0:
-            raise ModelServerTimeout(f"{url} did not answer within {timeout_s:g} s") from exc
-        raise ModelServerError(f"{url} failed: {message}") from exc
-    return handle.getinfo(pycurl.RESPONSE_CODE), answer.getvalue()
+    answer = io.BytesIO()
+    with _curl_pool.handle() as handle:
+        handle.reset()  # the options of the last call go; its open connections stay
+        handle.setopt(pycurl.URL, url)
+        handle.setopt(pycurl.PROXY, "")  # model servers are never reached through an environment proxy
+        handle.setopt(pycurl.NOSIGNAL, 1)
+        handle.setopt(pycurl.MAXCONNECTS, 64)
+        handle.setopt(pycurl.CONNECTTIMEOUT_MS, int(CONNECT_TIMEOUT_S * 1000))
+        handle.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout_s * 1000)))
+        handle.setopt(pycurl.HTTPHEADER, CURL_JSON_HEADERS)
+        handle.setopt(pycurl.USERAGENT, USER_AGENT)
+        certificates = _trusted_certificates()
+        if certificates.cafile:
+            handle.setopt(pycurl.CAINFO, certificates.cafile)
+        if certificates.capath:
+            handle.setopt(pycurl.CAPATH, certificates.capath)
+        if body is not None:
+            # Read from a stream that cannot rewind: libcurl would otherwise send the POST again
+            # when a kept-open connection dies before the answer (a server crashing mid-generation).
+            handle.setopt(pycurl.POST, 1)
+            handle.setopt(pycurl.POSTFIELDSIZE_LARGE, len(body))
+            handle.setopt(pycurl.READFUNCTION, io.BytesIO(body).read)
+            handle.setopt(pycurl.SEEKFUNCTION, lambda offset, origin: pycurl.SEEKFUNC_CANTSEEK)
+        handle.setopt(pycurl.WRITEDATA, answer)
+        try:
+            handle.perform()
+        except pycurl.error as exc:
+            code, message = exc.args
+            if code == pycurl.E_OPERATION_TIMEDOUT:
+                if handle.getinfo(pycurl.PRETRANSFER_TIME) > 0:
+                    raise ModelServerTimeout(f"{url} did not answer within {timeout_s:g} s") from exc
+                raise ModelServerTimeout(f"{url} could not be reached within {CONNECT_TIMEOUT_S:g} s") from exc
+            raise ModelServerError(f"{url} failed: {message}") from exc
+        return handle.getinfo(pycurl.RESPONSE_CODE), answer.getvalue()
 
 
 def _discard(response: urllib3.BaseHTTPResponse) -> None:
@@ -291,7 +324,7 @@ class _Answer:
     def json_body(self) -> dict:
         self.checked()
         try:
-            body = orjson.loads(self.data)
+            body = fast_json.loads(self.data)
         except ValueError as exc:
             raise ModelServerError(f"{self.url} answered something that is not JSON: {exc}") from exc
         if not isinstance(body, dict):
@@ -354,7 +387,7 @@ class OpenAIClient(ModelClient):
             if data == "[DONE]":
                 yield self._finish("".join(text), finish, usage, timings, (time.perf_counter() - started) * 1000)
                 return
-            chunk = orjson.loads(data)
+            chunk = fast_json.loads(data)
             usage = chunk.get("usage") or usage
             timings = chunk.get("timings") or timings
             for choice in chunk.get("choices") or []:
@@ -404,7 +437,7 @@ class OllamaClient(ModelClient):
         try:
             for line in _lines(answer.response):
                 if line:
-                    last = orjson.loads(line)
+                    last = fast_json.loads(line)
                     if "error" in last:
                         raise ModelServerError(f"pulling {self.model_name} failed: {last['error']}")
                     on_progress(last)
@@ -440,7 +473,7 @@ class OllamaClient(ModelClient):
         for line in _lines(response):
             if not line:
                 continue
-            chunk = orjson.loads(line)
+            chunk = fast_json.loads(line)
             if "error" in chunk:
                 raise ModelServerError(f"the model server reported: {chunk['error']}")
             piece = chunk["message"]["content"] if "message" in chunk else chunk.get("response", "")

@@ -1,7 +1,13 @@
 """The Ollama and OpenAI clients against the fake model server: answers, streams, options and faults."""
 from __future__ import annotations
 
+import json
 import os
+import ssl
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from unittest.mock import ANY
 
 import pytest
@@ -156,21 +162,93 @@ def test_a_restarted_server_is_reached_again_on_a_new_connection():
         client = OpenAIClient(server.url, "fake")
         assert client.generate("Hi").text == REPLY       # a connection kept open by this thread
         port = server.port
+    time.sleep(1.1)
     with FakeModelServer(port=port):                      # the old connection is dead
         assert client.generate("Hi").text == REPLY
 
 
 def test_a_forked_process_opens_connections_of_its_own():
-    parent = protocols._curl_handle()
-    assert protocols._curl_handle() is parent
+    parent = protocols._curl_pool
     reader, writer = os.pipe()
     child = os.fork()
     if child == 0:
-        os.write(writer, b"new" if protocols._curl_handle() is not parent else b"same")
+        os.write(writer, b"new" if protocols._curl_pool is not parent else b"same")
         os._exit(0)
     os.waitpid(child, 0)
 
     assert os.read(reader, 10) == b"new"
+    assert protocols._curl_pool is parent
+
+
+def test_calls_one_after_another_share_one_connection_whatever_their_thread(fake_server):
+    client = OpenAIClient(fake_server.url, "fake")
+    for _ in range(3):
+        thread = threading.Thread(target=client.generate, args=("Hi",))
+        thread.start()
+        thread.join()
+
+    assert fake_server.connections_opened == 1
+    assert len([r for r in fake_server.requests if r["method"] == "POST"]) == 3
+
+
+def test_a_kept_open_connection_that_dies_mid_call_is_not_sent_the_post_again(fake_server):
+    client = OpenAIClient(fake_server.url, "fake")
+    client.generate("Hi")                      # the connection stays open
+    fake_server.config.fault = "drop"          # the server reads the next request, then hangs up
+
+    with pytest.raises(ModelServerError):
+        client.generate("Hi")
+    assert len([r for r in fake_server.requests if r["method"] == "POST"]) == 2
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An OpenAI-compatible answer over HTTPS, with a self-signed certificate for 127.0.0.1."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    answer = json.dumps({"choices": [{"message": {"content": REPLY}, "finish_reason": "stop"}], "usage": {}}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", cert
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def trusted_certificates(monkeypatch):
+    """Trust what SSL_CERT_FILE names, as the system's CA store (read again for each test)."""
+    def trust(cert_file):
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+        protocols._trusted_certificates.cache_clear()
+    yield trust
+    protocols._trusted_certificates.cache_clear()
+
+
+def test_https_endpoints_are_checked_against_the_systems_certificates(tls_server, trusted_certificates):
+    url, cert = tls_server
+    with pytest.raises(ModelServerError, match="certificate"):   # not in the system's store
+        OpenAIClient(url, "fake").generate("Hi")
+
+    trusted_certificates(cert)
+    assert OpenAIClient(url, "fake").generate("Hi").text == REPLY
+
 
 
 @pytest.mark.parametrize("client_class", [OpenAIClient, OllamaClient])
