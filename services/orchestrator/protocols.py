@@ -259,28 +259,7 @@ def _fetch(url: str, body: bytes | None, timeout_s: float) -> tuple[int, bytes]:
     """POST `body` (GET without one): the answer's status and its whole body, within `timeout_s` in all."""
     answer = io.BytesIO()
     with _curl_pool.handle() as handle:
-        handle.reset()  # the options of the last call go; its open connections stay
-        handle.setopt(pycurl.URL, url)
-        handle.setopt(pycurl.PROXY, "")  # model servers are never reached through an environment proxy
-        handle.setopt(pycurl.NOSIGNAL, 1)
-        handle.setopt(pycurl.MAXCONNECTS, 64)
-        handle.setopt(pycurl.CONNECTTIMEOUT_MS, int(CONNECT_TIMEOUT_S * 1000))
-        handle.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout_s * 1000)))
-        handle.setopt(pycurl.HTTPHEADER, CURL_JSON_HEADERS)
-        handle.setopt(pycurl.USERAGENT, USER_AGENT)
-        certificates = _trusted_certificates()
-        if certificates.cafile:
-            handle.setopt(pycurl.CAINFO, certificates.cafile)
-        if certificates.capath:
-            handle.setopt(pycurl.CAPATH, certificates.capath)
-        if body is not None:
-            # Read from a stream that cannot rewind: libcurl would otherwise send the POST again
-            # when a kept-open connection dies before the answer (a server crashing mid-generation).
-            handle.setopt(pycurl.POST, 1)
-            handle.setopt(pycurl.POSTFIELDSIZE_LARGE, len(body))
-            handle.setopt(pycurl.READFUNCTION, io.BytesIO(body).read)
-            handle.setopt(pycurl.SEEKFUNCTION, lambda offset, origin: pycurl.SEEKFUNC_CANTSEEK)
-        handle.setopt(pycurl.WRITEDATA, answer)
+        _prepare(handle, url, body, timeout_s, answer)
         try:
             handle.perform()
         except pycurl.error as exc:
@@ -291,6 +270,33 @@ def _fetch(url: str, body: bytes | None, timeout_s: float) -> tuple[int, bytes]:
                 raise ModelServerTimeout(f"{url} could not be reached within {CONNECT_TIMEOUT_S:g} s") from exc
             raise ModelServerError(f"{url} failed: {message}") from exc
         return handle.getinfo(pycurl.RESPONSE_CODE), answer.getvalue()
+
+
+def _prepare(handle: pycurl.Curl, url: str, body: bytes | None, timeout_s: float, answer: io.BytesIO) -> None:
+    handle.reset()  # the options of the last call go; its open connections stay
+    handle.setopt(pycurl.URL, url)
+    handle.setopt(pycurl.PROXY, "")  # model servers are never reached through an environment proxy
+    handle.setopt(pycurl.NOSIGNAL, 1)
+    handle.setopt(pycurl.MAXCONNECTS, 64)
+    handle.setopt(pycurl.CONNECTTIMEOUT_MS, int(CONNECT_TIMEOUT_S * 1000))
+    handle.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout_s * 1000)))
+    handle.setopt(pycurl.HTTPHEADER, CURL_JSON_HEADERS)
+    handle.setopt(pycurl.USERAGENT, USER_AGENT)
+    certificates = _trusted_certificates()
+    if certificates.cafile:
+        handle.setopt(pycurl.CAINFO, certificates.cafile)
+    if certificates.capath:
+        handle.setopt(pycurl.CAPATH, certificates.capath)
+    if body is not None:
+        # Read from a stream that cannot rewind: libcurl would otherwise send the POST again when a
+        # kept-open connection dies before the answer (a server crashing mid-generation, say). libcurl
+        # checks a connection idle for a second or more before it reuses it; one that closed sooner
+        # fails this call, which dispatch retries as any failed attempt.
+        handle.setopt(pycurl.POST, 1)
+        handle.setopt(pycurl.POSTFIELDSIZE_LARGE, len(body))
+        handle.setopt(pycurl.READFUNCTION, io.BytesIO(body).read)
+        handle.setopt(pycurl.SEEKFUNCTION, lambda offset, origin: pycurl.SEEKFUNC_CANTSEEK)
+    handle.setopt(pycurl.WRITEDATA, answer)
 
 
 def _discard(response: urllib3.BaseHTTPResponse) -> None:

@@ -162,7 +162,7 @@ def test_a_restarted_server_is_reached_again_on_a_new_connection():
         client = OpenAIClient(server.url, "fake")
         assert client.generate("Hi").text == REPLY       # a connection kept open by this thread
         port = server.port
-    time.sleep(1.1)
+    time.sleep(1.1)  # libcurl checks a kept-open connection before reuse once it has been idle a second
     with FakeModelServer(port=port):                      # the old connection is dead
         assert client.generate("Hi").text == REPLY
 
