@@ -646,14 +646,16 @@ def test_an_expired_lease_is_reclaimed_and_a_spent_request_fails(conn):
     assert request_queue.complete(conn, row["id"], owner="dead-worker", result={"x": 1}) is False
 
 
-def test_claims_go_by_priority_then_age(conn):
-    ids = []
-    for priority in (100, 500, 100):
-        ids.append(request_queue.enqueue(
-            conn, request_id=f"5f0c7b7e-0000-4000-8000-00000000010{len(ids)}", payload=dispatch_body(),
-            task_type="question-answering", priority=priority, mode="async", callback_url=None)["id"])
-    order = [request_queue.claim_next(conn, owner="w", lease_seconds=30)["id"] for _ in range(3)]
-    assert order == [ids[1], ids[0], ids[2]]
+def test_claims_go_by_priority_then_age_even_for_requests_queued_in_one_transaction(conn):
+    rows = []
+    for priority in (100, 500, 100, 100, 500):
+        rows.append(request_queue.enqueue(
+            conn, request_id=f"5f0c7b7e-0000-4000-8000-00000000010{len(rows)}", payload=dispatch_body(),
+            task_type="question-answering", priority=priority, mode="async", callback_url=None))
+    ages = [row["created_at"] for row in rows]
+    assert ages == sorted(set(ages))   # all in this test's transaction, yet none tied
+    order = [request_queue.claim_next(conn, owner="w", lease_seconds=30)["id"] for _ in range(5)]
+    assert order == [rows[i]["id"] for i in (1, 4, 0, 2, 3)]
     assert request_queue.claim_next(conn, owner="w", lease_seconds=30) is None
 
 
