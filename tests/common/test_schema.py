@@ -46,6 +46,10 @@ def test_model_registry_name_and_version_are_unique(conn):
     "INSERT INTO performance_logs (model_id, task_type, processing_time_ms, success) VALUES (%(m)s, 'conversation', -1, true)",
     "INSERT INTO performance_logs (model_id, task_type, processing_time_ms, success) VALUES (%(m)s, 'conversation', 10, false)",
     "INSERT INTO performance_logs (model_id, task_type, processing_time_ms, success, output_format) VALUES (%(m)s, 'conversation', 10, true, 'xml')",
+    "INSERT INTO performance_logs (model_id, task_type, processing_time_ms, success) VALUES (%(m)s, 'painting', 10, true)",
+    "INSERT INTO performance_logs (model_id, task_type, processing_time_ms, success, input_tokens) VALUES (%(m)s, 'conversation', 10, true, -1)",
+    "INSERT INTO performance_logs (model_id, task_type, processing_time_ms, success, tokens_per_second) VALUES (%(m)s, 'conversation', 10, true, -0.5)",
+    "INSERT INTO performance_logs (model_id, task_type, processing_time_ms, success, attempt) VALUES (%(m)s, 'conversation', 10, true, 0)",
     "INSERT INTO request_queue (request_payload, task_type, status) VALUES ('{}', 'conversation', 'processing')",
     "INSERT INTO request_queue (request_payload, task_type, status, completed_at) VALUES ('{}', 'conversation', 'completed', now())",
     "INSERT INTO request_queue (request_payload, task_type, priority) VALUES ('{}', 'conversation', 5000)",
@@ -58,6 +62,26 @@ def test_model_registry_name_and_version_are_unique(conn):
 ])
 def test_tables_reject_bad_rows(conn, statement):
     assert_rejected(conn, statement, {"m": insert_model(conn)})
+
+
+@pytest.mark.parametrize("assignment", [
+    "status = 'exploded'", "health_status = 'fine'", "active_requests = -1", "total_requests = -1",
+    "port = 0", "pid = 0", "allocated_cpu = 0", "driver_state = '[]'",
+])
+def test_updates_of_runtimes_are_checked_as_inserts_are(conn, assignment):
+    runtime = conn.execute("INSERT INTO container_lifecycle (model_id, driver, allocated_cpu, allocated_memory)"
+                           " VALUES (%(m)s, 'process', 1, 512) RETURNING id", {"m": insert_model(conn)}).fetchone()
+    assert_rejected(conn, f"UPDATE container_lifecycle SET {assignment} WHERE id = %(id)s", runtime)
+
+
+@pytest.mark.parametrize("assignment", [
+    "status = 'lost'", "mode = 'batch'", "task_type = 'painting'", "priority = -1", "attempts = -1",
+    "request_payload = '1'", "callback_url = 'ftp://x'",
+])
+def test_updates_of_requests_are_checked_as_inserts_are(conn, assignment):
+    request = conn.execute("INSERT INTO request_queue (request_payload, task_type) VALUES ('{}', 'conversation')"
+                           " RETURNING id").fetchone()
+    assert_rejected(conn, f"UPDATE request_queue SET {assignment} WHERE id = %(id)s", request)
 
 
 def test_rule_conditions_reject_unknown_metrics_and_operators(conn):
