@@ -146,7 +146,7 @@ def enqueue(conn: psycopg.Connection, *, request_id: str, payload: dict, task_ty
     # while few requests are pending: behind a backlog, workers are busy, and each claim that leaves
     # requests pending wakes another (`more_pending`). Under load this spares the lock that every
     # committing NOTIFY takes in turn, the queue's bottleneck; idle workers poll as well.
-    # Its age is the moment it is queued, not its transaction's start: requests queued in one
+    # A request's age is the moment it is queued, not its transaction's start: requests queued in one
     # transaction are still taken in the order they came.
     return conn.execute(
         "WITH queued AS (INSERT INTO request_queue (id, request_payload, task_type, priority, mode, callback_url,"
