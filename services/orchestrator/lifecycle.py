@@ -191,8 +191,10 @@ def _claim(db: Database, model: dict, allocation: Allocation, settings: Settings
     with db.connection() as conn:
         queries.lock_model_start(conn, model["id"])
         if reuse:
-            existing = (queries.pick_warm_runtime(conn, model["id"])
-                        or queries.find_starting_runtime(conn, model["id"], timeout))
+            # One being started first: it can turn running between the two reads (its starter holds
+            # no lock), never back, so read in this order it is found either way.
+            existing = (queries.find_starting_runtime(conn, model["id"], timeout)
+                        or queries.pick_warm_runtime(conn, model["id"]))
             if existing:
                 return _Claim(existing, mine=False)
         abandoned = [queries.mark_error(conn, row["id"], "abandoned: its start outlived the start timeout",

@@ -62,6 +62,31 @@ def test_ensure_reuses_the_least_loaded_runtime(db, conn, model, settings):
         lifecycle.start_runtime(db, model["id"], settings)
 
 
+def test_a_runtime_that_turns_running_while_ensure_looks_for_one_is_reused(db, conn, settings, fake_server,
+                                                                           monkeypatch):
+    """Its starter holds no lock: it may turn running between two reads of the caller that waits for
+    the model's start lock. It is reused, not counted as a replica too many."""
+    model = insert_model(conn, runtime_config={"endpoint": fake_server.url, "model_alias": "fake"}, max_replicas=1)
+    starting = queries.insert_runtime(conn, model["id"], "external", {"cpu": 1, "memory_mb": 256, "gpu": 0}, {})
+    locked, flipped = [], []
+
+    def turns_running_after(read):
+        def wrapper(*args, **kwargs):
+            row = read(*args, **kwargs)
+            if locked and not flipped:  # the first read under the lock; then the starter marks it ready
+                flipped.append(queries.mark_ready(conn, starting["id"], load_time_ms=5))
+            return row
+        return wrapper
+
+    lock = queries.lock_model_start
+    monkeypatch.setattr(queries, "lock_model_start", lambda *args: (locked.append(True), lock(*args))[1])
+    for name in ("pick_warm_runtime", "find_starting_runtime"):
+        monkeypatch.setattr(queries, name, turns_running_after(getattr(queries, name)))
+
+    runtime = lifecycle.ensure_runtime(db, model["id"], settings)
+    assert flipped and (runtime["id"], runtime["status"]) == (starting["id"], "running")
+
+
 def test_ensure_of_an_unknown_or_inactive_model(db, conn, model, settings):
     with pytest.raises(NotFound, match="model 00000000-0000-0000-0000-000000000000 does not exist"):
         lifecycle.ensure_runtime(db, "00000000-0000-0000-0000-000000000000", settings)
