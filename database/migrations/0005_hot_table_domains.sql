@@ -23,8 +23,8 @@ CREATE DOMAIN positive_int AS integer CHECK (VALUE > 0);
 CREATE DOMAIN non_negative_int AS integer CHECK (VALUE >= 0);
 CREATE DOMAIN non_negative_bigint AS bigint CHECK (VALUE >= 0);
 CREATE DOMAIN non_negative_float AS double precision CHECK (VALUE >= 0);
-CREATE DOMAIN positive_share AS numeric(6,2) CHECK (VALUE > 0);      -- cores, GPUs, percents
-CREATE DOMAIN non_negative_share AS numeric(6,2) CHECK (VALUE >= 0); -- cores, GPUs, percents
+CREATE DOMAIN positive_share AS numeric(6,2) CHECK (VALUE > 0);      -- CPU cores
+CREATE DOMAIN non_negative_share AS numeric(6,2) CHECK (VALUE >= 0); -- GPUs, CPU percent
 
 ALTER TABLE request_queue
     DROP CONSTRAINT request_queue_request_payload_check,
