@@ -11,10 +11,22 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 from psycopg import sql
 
 from services.common.db import SingleConnectionDatabase, connect
 from services.common.migrate import migrate
+
+class ServedClient(FlaskClient):
+    """A test client that reads each response whole and closes it, as a WSGI server does once it has
+    sent it: what the app runs after a response (the record of a dispatch's answer) has then run."""
+
+    def open(self, *args, buffered: bool = True, **kwargs):
+        return super().open(*args, buffered=buffered, **kwargs)
+
+
+Flask.test_client_class = ServedClient
 
 ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hmac
 import http
+import logging
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, after_this_request, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Api, Blueprint
 from flask_smorest.utils import prepare_response
@@ -18,6 +19,8 @@ from services.common.db import NUL_ESCAPE, PooledDatabase, get_db
 from services.common.json_provider import OrjsonProvider
 from services.common.logs import configure_logging
 from services.common.metrics import install_request_metrics, metrics_response
+
+logger = logging.getLogger(__name__)
 
 PUBLIC_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "health.metrics"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -161,6 +164,21 @@ def _refuse_nul() -> Response | None:
         return errors.problem_response(
             422, "Strings cannot contain the character U+0000: the database cannot store it.")
     return None
+
+
+def after_response(job: Callable[[], None]) -> None:
+    """Run `job` in this thread once the current response has been sent (the WSGI server closes
+    it then), so the client does not wait for it; an error in it is logged."""
+    def run() -> None:
+        try:
+            job()
+        except Exception:
+            logger.exception("a job run after the response failed")
+
+    @after_this_request
+    def register(response: Response) -> Response:
+        response.call_on_close(run)
+        return response
 
 
 def current_settings() -> Settings:

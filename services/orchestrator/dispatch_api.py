@@ -8,7 +8,7 @@ from flask import g, jsonify, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from services.common.app import current_settings
+from services.common.app import after_response, current_settings
 from services.common.db import get_db
 from services.common.errors import Conflict, NotFound
 from services.orchestrator import request_queue
@@ -44,7 +44,8 @@ class Dispatch(MethodView):
             return accepted, 202, {"Location": status_url}
         # A Response: the answer is plain JSON already (it is stored as jsonb too), and a schema dump
         # of it would cost a tenth of the dispatch's own time.
-        return jsonify(run_sync_request(db, current_settings(), request_id, body, callback_headers=callback_headers))
+        return jsonify(run_sync_request(db, current_settings(), request_id, body, callback_headers=callback_headers,
+                                        after_answer=after_response))
 
 
 @blp.route("/requests/<uuid:request_id>", endpoint="RequestStatus")

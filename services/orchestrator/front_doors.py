@@ -22,7 +22,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from services.common.app import current_settings
+from services.common.app import after_response, current_settings
 from services.common.db import get_db
 from services.common.errors import PROBLEM_CONTENT_TYPE, Unprocessable
 from services.orchestrator import queries
@@ -265,7 +265,8 @@ def _dispatch_request(headers: dict, body: dict, *, messages: list[dict], output
 
 def _run(payload: dict) -> dict:
     """Record and run the request like POST /dispatch does."""
-    return run_sync_request(get_db(), current_settings(), dispatch_request_id(), payload)
+    return run_sync_request(get_db(), current_settings(), dispatch_request_id(), payload,
+                            after_answer=after_response)
 
 
 def _streamed(payload: dict, to_lines: Callable[[dict, Iterator[dict]], Iterator[str]], mimetype: str) -> Response:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from services.common.config import Settings
@@ -119,6 +119,7 @@ class Outcome:
     load_time_ms: int | None = None      # the server's own load time, on the attempt that started it
     result: dict | None = None           # the answer, on the attempt that gave it
     recorded: bool = False               # whether the statement releasing its runtime completed the request
+    record: Callable[[], dict | None] | None = None   # that statement, when it is left to the caller
 
 
 class DispatchFailed(Problem):
@@ -147,26 +148,30 @@ def run_queued_request(db: Database, settings: Settings, row: dict, *, owner: st
 
 
 def run_sync_request(db: Database, settings: Settings, request_id: str, payload: dict, *,
-                     callback_headers: dict | None = None) -> dict:
+                     callback_headers: dict | None = None,
+                     after_answer: Callable[[Callable[[], None]], None] | None = None) -> dict:
     """Run a request now, in this thread, and record it; raise its problem if it fails.
 
     The statement leasing its first runtime records it (processing, leased to this thread), so the
     hot path saves a round trip; a request that fails before any lease is recorded as failed.
+    With `after_answer` (say, the web app's after_response), the statement recording the answer
+    (and the callback) is handed to it, to run once the caller has the answer: a caller does not
+    wait for the record of its own answer. A failure is recorded before it is raised.
     """
     admission = request_queue.Admission(payload, callback_headers, settings.queue_lease_s)
     row = {"id": request_id, "request_payload": payload, "callback_url": payload["callback_url"],
            "callback_headers": callback_headers}
     holder = Holder(request_id, request_queue.lease_owner(), admission)
-    return _run_request(db, settings, row, holder, queue_wait_ms=0.0, raise_problem=True)
+    return _run_request(db, settings, row, holder, queue_wait_ms=0.0, raise_problem=True, after_answer=after_answer)
 
 
 def _run_request(db: Database, settings: Settings, row: dict, holder: Holder, *, queue_wait_ms: float,
-                 raise_problem: bool) -> dict | None:
+                 raise_problem: bool, after_answer: Callable[[Callable[[], None]], None] | None = None) -> dict | None:
     request_id, owner = holder.request_id, holder.owner
     try:
         with lease_kept_alive(db, settings, request_id, owner):
             answered = dispatch(db, settings, request_id, DispatchRequest.from_payload(row["request_payload"]),
-                                queue_wait_ms=queue_wait_ms, holder=holder)
+                                queue_wait_ms=queue_wait_ms, holder=holder, record_later=after_answer is not None)
     except Exception as error:
         take_inherited_runtime(db, settings, holder)   # gives back a runtime no attempt ran on
         details = _error_details(error)
@@ -178,11 +183,22 @@ def _run_request(db: Database, settings: Settings, row: dict, holder: Holder, *,
         if raise_problem or not isinstance(error, Problem):
             raise
         return None
-    if answered.recorded:
-        _call_back(row, answered.result)
+    if answered.record is not None and after_answer is not None:
+        after_answer(lambda: _recorded_answer(row, answered))
     else:
-        logger.warning("lease lost before completion; result dropped", extra={"dispatch_id": request_id})
+        _recorded_answer(row, answered)
     return answered.result
+
+
+def _recorded_answer(row: dict, outcome: Outcome) -> None:
+    """Record the answer if that is left to do, then call back; one whose lease was lost is dropped."""
+    if outcome.record is not None:
+        released, outcome.record = outcome.record(), None
+        outcome.recorded = bool(released and released["completed"])
+    if outcome.recorded:
+        _call_back(row, outcome.result)
+    else:
+        logger.warning("lease lost before completion; result dropped", extra={"dispatch_id": str(row["id"])})
 
 
 class LeaseRenewer:
@@ -286,12 +302,13 @@ def _callback_session():
 
 
 def dispatch(db: Database, settings: Settings, request_id: str, request: DispatchRequest, *,
-             queue_wait_ms: float = 0.0, holder: Holder | None = None) -> Outcome:
+             queue_wait_ms: float = 0.0, holder: Holder | None = None, record_later: bool = False) -> Outcome:
     """Run one request to a validated answer (`result` of the outcome); raise DispatchFailed when
     every attempt fails.
 
     With a `holder`, each attempt notes its model and runtime on the queued request (feedback needs
-    them), and the statement releasing the answering attempt's runtime completes the request. A
+    them), and the statement releasing the answering attempt's runtime completes the request (left
+    to the caller as the outcome's `record` when `record_later`). A
     holder's inheritance (a runtime handed over with the request) is selected on the state it came with.
     """
     started = time.perf_counter()
@@ -313,7 +330,8 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
         try:
             outcome = run_attempt(db, settings, request_id, request, candidate, attempt, repair_of=repair_of,
                                   queue_wait_ms=queue_wait_ms, holder=holder, answer=answer,
-                                  templates_version=selection.templates_version, selection_state=state)
+                                  templates_version=selection.templates_version, selection_state=state,
+                                  record_later=record_later)
         except StaleSelection as stale:  # this attempt never ran: go on, selecting on the current state
             selection, state = _select(db, settings, request, stale.state), None
             attempts.pop()
@@ -492,10 +510,12 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
                 candidate: Candidate, attempt: Attempt, *, repair_of: Outcome | None,
                 queue_wait_ms: float, holder: Holder | None = None,
                 answer: Callable[[Outcome], dict] | None = None,
-                templates_version: str | None = None, selection_state: dict | None = None) -> Outcome:
+                templates_version: str | None = None, selection_state: dict | None = None,
+                record_later: bool = False) -> Outcome:
     """One model, one runtime, one generation, checked; logged by the statement that releases the runtime.
 
-    When it succeeds, `answer` makes the result, which that statement records as the request's end.
+    When it succeeds, `answer` makes the result, which that statement records as the request's end
+    (then, with `record_later`, that statement is not run but left to the caller as `record`).
     With the `selection_state` the model was selected on, StaleSelection before anything ran if
     that state is no longer current.
     """
@@ -525,9 +545,13 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
         if attempt.outcome == "ok" and answer is not None:
             outcome.result = answer(outcome)
     finally:
-        released = release_runtime(db, runtime["id"], settings, holder, performance=performance,
-                                   result=outcome.result)
-    outcome.recorded = bool(released and released["completed"])
+        release = partial(release_runtime, db, runtime["id"], settings, holder, performance=performance,
+                          result=outcome.result)
+        if record_later and outcome.result is not None:
+            outcome.record = release
+        else:
+            released = release()
+            outcome.recorded = bool(released and released["completed"])
     return outcome
 
 

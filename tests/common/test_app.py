@@ -9,10 +9,11 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from services.common import errors
-from services.common.app import create_service_app
+from services.common.app import after_response, create_service_app
 from services.common.db import get_db
 
 PROBLEM = "application/problem+json"
+DONE_AFTER_RESPONSE: list[str] = []
 
 
 class ItemSchema(Schema):
@@ -42,6 +43,13 @@ def make_blueprint() -> Blueprint:
     @blp.route("/boom")
     def boom():
         raise RuntimeError("secret internals")
+
+    @blp.route("/later")
+    def later():
+        after_response(lambda: DONE_AFTER_RESPONSE.append("first"))
+        after_response(lambda: 1 / 0)
+        after_response(lambda: DONE_AFTER_RESPONSE.append("after a failed one"))
+        return {"done": list(DONE_AFTER_RESPONSE)}
 
     return blp
 
@@ -186,3 +194,14 @@ def test_metrics_count_requests_per_endpoint(client):
     text = c.get("/metrics").get_data(as_text=True)
     assert 'dispatcher_http_requests_total{endpoint="/items",method="POST",service="test",status="201"}' in text
     assert 'dispatcher_http_request_duration_seconds_bucket{endpoint="/items"' in text
+
+
+def test_jobs_after_a_response_run_once_it_is_closed_in_order_and_a_failure_is_only_logged(client, caplog):
+    DONE_AFTER_RESPONSE.clear()
+    response = client().get("/later", buffered=False)
+    assert (response.status_code, response.get_json(), DONE_AFTER_RESPONSE) == (200, {"done": []}, [])
+
+    response.close()
+
+    assert DONE_AFTER_RESPONSE == ["first", "after a failed one"]
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == ["a job run after the response failed"]

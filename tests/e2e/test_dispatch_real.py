@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from service_processes import Processes, start_services
+from service_processes import Processes, start_services, wait_until
 
 from services.common.config import Settings
 from services.common.db import connect
@@ -75,6 +75,10 @@ def test_a_real_dispatch_is_answered_logged_and_summarised(stack, fresh_database
     assert [(a["model"], a["outcome"]) for a in answer["attempts"]] == [("smollm2:135m-instruct-q4_1", "ok")]
 
     with connect(fresh_database_url) as conn:
+        # The answer is recorded just after it is sent: wait for the request's end.
+        wait_until(lambda: conn.execute("SELECT status FROM request_queue WHERE id = %s",
+                                        (request_id,)).fetchone()["status"] != "processing",
+                   f"request {request_id} to end", timeout_s=10, interval_s=0.02)
         logged = conn.execute(
             "SELECT p.model_id, p.attempt, p.success, p.validation_passed, p.output_tokens, p.task_type,"
             " q.status FROM performance_logs p JOIN request_queue q ON q.id = p.request_id"

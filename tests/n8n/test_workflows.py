@@ -43,7 +43,12 @@ def problem(status: int, title: str, detail: str, **members) -> dict:
 
 
 def request_row(db, request_id: str) -> dict:
-    return db.execute("SELECT * FROM request_queue WHERE id = %s", (request_id,)).fetchone()
+    """The request's row once it has ended: an answer is recorded just after it is sent."""
+    def ended() -> dict | None:
+        row = db.execute("SELECT * FROM request_queue WHERE id = %s", (request_id,)).fetchone()
+        return row if row["status"] != "processing" else None
+
+    return wait_until(ended, f"request {request_id} to end", timeout_s=10, interval_s=0.02)
 
 
 def assert_short_real_answer(text: str) -> None:

@@ -99,6 +99,27 @@ def test_a_dispatch_answers_with_the_decision_and_leaves_a_record(client, conn, 
          "error_class": None, "template_version": 1, "output_tokens": 5}]
 
 
+def test_the_answer_goes_out_before_its_record_is_written(client, conn, fake_server):
+    model = served_by(conn, fake_server)
+
+    # Unbuffered: the response is not closed yet, as when a server has sent it but not yet closed it.
+    response = client.post("/dispatch", json=dispatch_body(), buffered=False)
+
+    body = response.get_json()
+    assert (response.status_code, body["status"], body["valid"]) == (200, "completed", True)
+    busy = "SELECT active_requests FROM container_lifecycle WHERE id = %s"
+    assert queue_row(conn, body["request_id"])["status"] == "processing"
+    assert (performance_rows(conn, body["request_id"]), conn.execute(busy, (body["runtime_id"],)).fetchone()) == (
+        [], {"active_requests": 1})
+
+    response.close()
+
+    row = queue_row(conn, body["request_id"])
+    assert (row["status"], row["result"], row["lease_expires_at"]) == ("completed", body, None)
+    assert [r["model_id"] for r in performance_rows(conn, body["request_id"])] == [model["id"]]
+    assert conn.execute(busy, (body["runtime_id"],)).fetchone() == {"active_requests": 0}
+
+
 def counted_statements(monkeypatch) -> list[str]:
     statements = []
     execute = psycopg.Connection.execute

@@ -89,12 +89,18 @@ def new_id() -> str:
 
 
 def queue_row(database, request_id: str) -> dict:
-    return database.execute(
-        "SELECT status, mode, task_type, assigned_model_id, request_payload, result, error_details"
-        " FROM request_queue WHERE id = %s", (request_id,)).fetchone()
+    """The request's row once it has ended: an answer is recorded just after it is sent."""
+    def ended() -> tuple[dict | None] | None:
+        row = database.execute(
+            "SELECT status, mode, task_type, assigned_model_id, request_payload, result, error_details"
+            " FROM request_queue WHERE id = %s", (request_id,)).fetchone()
+        return (row,) if row is None or row["status"] != "processing" else None
+
+    return wait_until(ended, timeout_s=10)[0]
 
 
 def performance_rows(database, request_id: str) -> list[dict]:
+    queue_row(database, request_id)   # the answer's row comes with the request's end
     return database.execute(
         "SELECT model_id, attempt, task_type, output_format, success, validation_passed, error_class,"
         " output_tokens FROM performance_logs WHERE request_id = %s ORDER BY attempt", (request_id,)).fetchall()
@@ -358,7 +364,7 @@ def test_a_client_that_disconnects_mid_stream_releases_the_runtime(dispatcher, d
             assert next(lines).startswith(b"data: ")
             assert runtime_load(database, model) == [1]
         # The server notices at its next write; then the runtime is released and the request ends.
-        wait_until(lambda: queue_row(database, request_id)["status"] != "processing")
+        queue_row(database, request_id)
     assert runtime_load(database, model) == [0]
     assert queue_row(database, request_id)["error_details"] == {
         "error": "client_disconnected", "detail": "The client disconnected before the answer was complete.",
