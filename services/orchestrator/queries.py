@@ -22,6 +22,10 @@ RUNTIME_COLUMNS = """
     r.*, m.name AS model_name, m.version AS model_version, m.protocol
 """
 RUNTIME_FROM = "container_lifecycle r JOIN model_registry m ON m.id = r.model_id"
+# What the holder of a lease needs of its runtime: reading every column back costs a tenth of the
+# statement that takes the lease, on every dispatch.
+LEASED_COLUMNS = ", ".join(f"container_lifecycle.{column}" for column in (
+    "id", "model_id", "driver", "status", "endpoint", "active_requests", "ready_at", "load_time_ms"))
 
 
 def _one(conn: psycopg.Connection, query: str, params: dict) -> dict | None:
@@ -303,7 +307,7 @@ def _acquire(conn: psycopg.Connection, target: str, params: dict, holder: Holder
         SET active_requests = active_requests + 1, total_requests = total_requests + 1, last_activity = now()
         {"FROM unflushed" if holder is not None else ""}
         WHERE id = {target} AND status = 'running' {condition}
-        RETURNING container_lifecycle.*)""")
+        RETURNING {LEASED_COLUMNS})""")
     if holder is not None and holder.unrecorded:
         ctes.append(ADMITTED)
         params.update(holder.admission.params(holder.request_id, holder.owner))

@@ -134,7 +134,7 @@ def test_a_lease_counts_the_request_and_keeps_the_runtime_warm(db, conn, model, 
 
     with lifecycle.leased_runtime(db, model["id"], settings) as leased:
         assert leased["id"] == runtime["id"]
-        assert (runtime_row(conn, runtime["id"])["active_requests"], leased["total_requests"]) == (1, 1)
+        assert (leased["active_requests"], runtime_row(conn, runtime["id"])["total_requests"]) == (1, 1)
 
     after = runtime_row(conn, runtime["id"])
     assert (after["active_requests"], after["total_requests"], after["status"]) == (0, 1, "running")
