@@ -5,6 +5,7 @@ import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import psycopg
@@ -61,7 +62,8 @@ class BuiltPrompt:
 
 # --- parsing and rendering -------------------------------------------------------------------
 
-def parse_template(text: str) -> list[tuple[str, str | None]]:
+@lru_cache(maxsize=128)  # the templates in use, each parsed several times per prompt built
+def parse_template(text: str) -> tuple[tuple[str, str | None], ...]:
     """The template as (literal text, placeholder name or None) pairs; ValueError says what is wrong."""
     try:
         parsed = list(string.Formatter().parse(text))
@@ -76,7 +78,7 @@ def parse_template(text: str) -> list[tuple[str, str | None]]:
                 raise ValueError(f"{{{name}}} is not a plain name (no attribute or index access, "
                                  "no positional fields)")
         pieces.append((literal, name))
-    return pieces
+    return tuple(pieces)
 
 
 def placeholder_names(text: str) -> list[str]:
