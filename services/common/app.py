@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hmac
 import http
+import inspect
 import logging
 import re
 import uuid
@@ -15,7 +16,7 @@ from flask_smorest.utils import prepare_response
 
 from services.common import errors
 from services.common.config import Settings
-from services.common.db import NUL_ESCAPE, PooledDatabase, get_db
+from services.common.db import NUL_ESCAPE_BYTES, PooledDatabase, get_db
 from services.common.json_provider import OrjsonProvider
 from services.common.logs import configure_logging
 from services.common.metrics import install_request_metrics, metrics_response
@@ -25,6 +26,22 @@ logger = logging.getLogger(__name__)
 PUBLIC_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "health.metrics"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ServiceFlask(Flask):
+    """Flask that remembers which views and hooks are coroutine functions: it asks of each one on
+    every request (`inspect.iscoroutinefunction`, a measurable share of a fast request)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._coroutine: dict[Callable, bool] = {}
+
+    def ensure_sync(self, func: Callable) -> Callable:
+        function = getattr(func, "__func__", func)   # a bound method is a new object per request
+        coroutine = self._coroutine.get(function)
+        if coroutine is None:
+            coroutine = self._coroutine[function] = inspect.iscoroutinefunction(func)
+        return super().ensure_sync(func) if coroutine else func
 
 
 class ProblemApi(Api):
@@ -79,7 +96,7 @@ class Metrics(MethodView):
 def create_service_app(service: str, title: str, blueprints: Iterable[Blueprint],
                        test_config: dict | None = None, import_name: str = __name__) -> Flask:
     """Build a service app: defaults, then environment, then `test_config`."""
-    app = Flask(import_name)
+    app = ServiceFlask(import_name)
     app.json = OrjsonProvider(app)
     app.config.update(Settings.from_env().as_flask_config())
     app.config.update(
@@ -159,7 +176,8 @@ def _require_json_body() -> Response | None:
 
 def _refuse_nul() -> Response | None:
     """No text or jsonb column can hold U+0000: refused in the path, the query and JSON bodies alike."""
-    in_body = request.is_json and NUL_ESCAPE.search(request.get_data(as_text=True))
+    body = request.get_data() if request.is_json else b""
+    in_body = b"\\u0000" in body and NUL_ESCAPE_BYTES.search(body)   # the regex only where it can match
     if in_body or "\x00" in request.path or any("\x00" in value for value in request.args.values()):
         return errors.problem_response(
             422, "Strings cannot contain the character U+0000: the database cannot store it.")

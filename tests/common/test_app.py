@@ -9,7 +9,7 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from services.common import errors
-from services.common.app import after_response, create_service_app
+from services.common.app import ServiceFlask, after_response, create_service_app
 from services.common.db import get_db
 
 PROBLEM = "application/problem+json"
@@ -205,3 +205,20 @@ def test_jobs_after_a_response_run_once_it_is_closed_in_order_and_a_failure_is_o
 
     assert DONE_AFTER_RESPONSE == ["first", "after a failed one"]
     assert [r.getMessage() for r in caplog.records if r.exc_info] == ["a job run after the response failed"]
+
+
+def test_views_and_hooks_are_called_as_they_are_and_a_coroutine_still_goes_through_flask():
+    app = ServiceFlask(__name__)
+
+    class View(MethodView):
+        def get(self):
+            return "ok"
+
+    async def coroutine():
+        return "ok"
+
+    first, second = View().get, View().get   # a bound method is a new object per request
+    assert (app.ensure_sync(first), app.ensure_sync(second)) == (first, second)
+    for _ in range(2):   # asked again: still Flask's own path, which needs Flask's async extra here
+        with pytest.raises(RuntimeError, match="async"):
+            app.ensure_sync(coroutine)
