@@ -183,7 +183,7 @@ def _run_request(db: Database, settings: Settings, row: dict, holder: Holder, *,
         if raise_problem or not isinstance(error, Problem):
             raise
         return None
-    if answered.record is not None and after_answer is not None:
+    if answered.record is not None:   # left to run once the caller has the answer
         after_answer(lambda: _recorded_answer(row, answered))
     else:
         _recorded_answer(row, answered)
