@@ -18,8 +18,7 @@ from psycopg_pool import ConnectionPool
 from services.common import fast_json
 
 # An escaped U+0000 in JSON text: preceded by an even number of backslashes (escaped ones).
-NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
-NUL_ESCAPE_BYTES = re.compile(NUL_ESCAPE.pattern.encode())
+NUL_ESCAPE_BYTES = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 def jsonb_dumps(value) -> bytes:
