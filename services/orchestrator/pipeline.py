@@ -308,8 +308,8 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
 
     With a `holder`, each attempt notes its model and runtime on the queued request (feedback needs
     them), and the statement releasing the answering attempt's runtime completes the request (left
-    to the caller as the outcome's `record` when `record_later`). A
-    holder's inheritance (a runtime handed over with the request) is selected on the state it came with.
+    to the caller as the outcome's `record` when `record_later`). A holder's inheritance (a runtime
+    handed over with the request) is selected on the state it came with.
     """
     started = time.perf_counter()
     inheritance = holder.inheritance if holder is not None else None
