@@ -4,17 +4,22 @@ from __future__ import annotations
 import hmac
 import http
 import inspect
+import json
 import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable
+from typing import Any
 
+import flask_smorest
 from flask import Flask, Response, after_this_request, current_app, g, request
 from flask.views import MethodView
-from flask_smorest import Api, Blueprint
+from flask_smorest import Api
 from flask_smorest.utils import prepare_response
+from webargs import missing
+from webargs.flaskparser import FlaskParser, is_json_request
 
-from services.common import errors
+from services.common import errors, fast_json
 from services.common.config import Settings
 from services.common.db import NUL_ESCAPE_BYTES, PooledDatabase, get_db
 from services.common.json_provider import OrjsonProvider
@@ -26,6 +31,9 @@ logger = logging.getLogger(__name__)
 PUBLIC_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "health.metrics"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Where JSON text may hold a surrogate: an escaped one, or its UTF-8 form (which json reads).
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ServiceFlask(Flask):
@@ -62,6 +70,28 @@ class ProblemApi(Api):
         response = {"description": "Error, as problem details", "schema": self.ERROR_SCHEMA}
         prepare_response(response, self.spec, errors.PROBLEM_CONTENT_TYPE)
         self.spec.components.response(self.DEFAULT_ERROR_RESPONSE_NAME, response, lazy=True)
+
+
+class JsonBodyParser(FlaskParser):
+    """webargs' parser reading bodies as the app reads JSON (fast_json); JSON nested deeper than
+    Python can read is refused as unreadable (400), not raised as a RecursionError (500)."""
+
+    def _raw_load_json(self, req) -> Any:
+        if not is_json_request(req):
+            return missing
+        try:
+            return fast_json.loads(req.get_data(cache=True))
+        except RecursionError:
+            raise json.JSONDecodeError("nested too deeply", "<body>", 0) from None
+
+    def _handle_invalid_json_error(self, error: ValueError, req, *args, **kwargs):
+        raise errors.BadRequest(f"The body is not valid JSON: {error}.", errors={"json": ["Invalid JSON body."]})
+
+
+class Blueprint(flask_smorest.Blueprint):
+    """The services' blueprints: flask-smorest's, with JsonBodyParser."""
+
+    ARGUMENTS_PARSER = JsonBodyParser()
 
 
 health = Blueprint("health", __name__, description="Liveness, readiness and metrics")
@@ -130,7 +160,7 @@ def create_service_app(service: str, title: str, blueprints: Iterable[Blueprint]
     app.before_request(_assign_request_id)
     app.before_request(_require_token)
     app.before_request(_require_json_body)
-    app.before_request(_refuse_nul)
+    app.before_request(_refuse_unstorable_text)
     app.after_request(_echo_request_id)
     install_request_metrics(app, service)
 
@@ -174,14 +204,41 @@ def _require_json_body() -> Response | None:
         415, f"Request bodies must be application/json, not {request.mimetype or 'unspecified'}.")
 
 
-def _refuse_nul() -> Response | None:
-    """No text or jsonb column can hold U+0000: refused in the path, the query and JSON bodies alike."""
+def _refuse_unstorable_text() -> Response | None:
+    """No text or jsonb column can hold U+0000 or an unpaired surrogate (valid JSON escapes, but not
+    Unicode text): refused in the path, the query and JSON bodies alike."""
     body = request.get_data() if request.is_json else b""
     in_body = b"\\u0000" in body and NUL_ESCAPE_BYTES.search(body)   # the regex only where it can match
     if in_body or "\x00" in request.path or any("\x00" in value for value in request.args.values()):
         return errors.problem_response(
             422, "Strings cannot contain the character U+0000: the database cannot store it.")
+    if _SURROGATE_HINT.search(body) and _holds_surrogate(_readable_json(body)):
+        return errors.problem_response(
+            422, "Strings cannot contain unpaired surrogates (\\ud800 to \\udfff): they are not Unicode text.")
     return None
+
+
+def _readable_json(body: bytes) -> Any:
+    """The body's JSON; None when it does not parse (the view's parser says why)."""
+    try:
+        return fast_json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _holds_surrogate(value: Any) -> bool:
+    pending = [value]   # a loop, not recursion: the JSON may be nested as deep as json reads
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def after_response(job: Callable[[], None]) -> None:

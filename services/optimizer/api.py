@@ -4,9 +4,8 @@ from __future__ import annotations
 import requests
 from flask import current_app
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
-from services.common.app import current_settings
+from services.common.app import Blueprint, current_settings
 from services.common.db import get_db
 from services.optimizer import analysis, performance, rankings, rules
 from services.optimizer.schemas import (ActionListSchema, ActionsQuerySchema, AnalysisSchema,

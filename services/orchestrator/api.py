@@ -4,9 +4,8 @@ from __future__ import annotations
 from uuid import UUID
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
-from services.common.app import current_settings
+from services.common.app import Blueprint, current_settings
 from services.common.db import get_db
 from services.orchestrator import generation, lifecycle, queries
 from services.orchestrator.protocols import Options

@@ -6,9 +6,8 @@ from uuid import UUID
 
 from flask import g, jsonify, request, url_for
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
-from services.common.app import after_response, current_settings
+from services.common.app import Blueprint, after_response, current_settings
 from services.common.db import get_db
 from services.common.errors import Conflict, NotFound
 from services.orchestrator import request_queue

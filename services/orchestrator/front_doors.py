@@ -19,10 +19,9 @@ from datetime import datetime, timezone
 
 from flask import Response, request, stream_with_context
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from services.common.app import after_response, current_settings
+from services.common.app import Blueprint, after_response, current_settings
 from services.common.db import get_db
 from services.common.errors import PROBLEM_CONTENT_TYPE, Unprocessable
 from services.orchestrator import queries

@@ -4,10 +4,9 @@ from __future__ import annotations
 from uuid import UUID
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import RAISE
 
-from services.common.app import current_settings
+from services.common.app import Blueprint, current_settings
 from services.common.db import get_db
 from services.registry import catalogue, resources, selection
 from services.registry.schemas import (DeleteArgsSchema, DeletionSchema, ModelListArgsSchema,

@@ -5,11 +5,10 @@ from http import HTTPStatus
 
 import pytest
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from services.common import errors
-from services.common.app import ServiceFlask, after_response, create_service_app
+from services.common.app import Blueprint, ServiceFlask, after_response, create_service_app
 from services.common.db import get_db
 
 PROBLEM = "application/problem+json"
@@ -131,6 +130,31 @@ def test_a_nul_character_in_a_body_is_a_422(client, body, status):
     if status == 422:
         assert response.get_json() == problem(
             response, 422, "Strings cannot contain the character U+0000: the database cannot store it.")
+
+
+@pytest.mark.parametrize("body, status", [
+    ('{"name": "a\\ud800"}', 422),             # an unpaired high surrogate
+    ('{"name": "a\\udfff"}', 422),             # an unpaired low one
+    ('{"x": {"\\udc00": 1}, "name": "a"}', 422),  # in a key, nested
+    (b'{"name": "a\xed\xa0\x80"}', 422),      # in its UTF-8 form, which the standard library reads
+    ('{"name": "\\ud83d\\ude00"}', 201),      # a pair: one character
+    ('{"name": "\\\\ud800"}', 201),          # a backslash, then "ud800": plain text
+    ('{"name": "\ud55c\uad6d"}', 201),         # Hangul, whose UTF-8 starts as a surrogate's does
+])
+def test_an_unpaired_surrogate_in_a_body_is_a_422(client, body, status):
+    response = client().post("/items", data=body, content_type="application/json")
+    assert response.status_code == status, response.get_json()
+    if status == 422:
+        assert response.get_json() == problem(
+            response, 422, "Strings cannot contain unpaired surrogates (\\ud800 to \\udfff): they are not Unicode text.")
+
+
+def test_json_nested_too_deeply_to_read_is_a_400(client):
+    response = client().post("/items", data='{"name": ' + "[" * 5000 + "]" * 5000 + "}",
+                             content_type="application/json")
+    assert response.get_json() == {**problem(response, 400, "The body is not valid JSON: nested too deeply: line 1 "
+                                                            "column 1 (char 0)."),
+                                   "errors": {"json": ["Invalid JSON body."]}}
 
 
 @pytest.mark.parametrize("path", ["/conflict?q=a%00b", "/conflict%00"])
