@@ -19,13 +19,24 @@ from services.common import fast_json
 
 # An escaped U+0000 in JSON text: preceded by an even number of backslashes (escaped ones).
 NUL_ESCAPE_BYTES = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+# A surrogate escape as json.dumps writes them, and a pair of them whole (the character they make).
+_SURROGATE_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)(\\ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}|\\ud[89a-f][0-9a-f]{2})")
 
 
 def jsonb_dumps(value) -> bytes:
-    """JSON for jsonb: Postgres refuses U+0000 there, so a NUL (a model's output can have one) is
-    stored as U+FFFD rather than failing the statement that records the answer."""
+    """JSON for jsonb: Postgres refuses U+0000 and unpaired surrogates there, so a model's output
+    holding one (valid JSON escapes both) is stored with U+FFFD in its place rather than failing
+    the statement that records the answer."""
     text = fast_json.dumps(value)
-    return NUL_ESCAPE_BYTES.sub(rb"\1\\ufffd", text) if b"\\u0000" in text else text
+    if b"\\u0000" in text:
+        text = NUL_ESCAPE_BYTES.sub(rb"\1\\ufffd", text)
+    if b"\\ud" in text:   # only json.dumps writes these: orjson refused the value
+        text = _SURROGATE_ESCAPE.sub(_unpaired_replaced, text)
+    return text
+
+
+def _unpaired_replaced(match: re.Match) -> bytes:
+    return match[0] if len(match[2]) == 12 else match[1] + b"\\ufffd"
 
 
 set_json_dumps(jsonb_dumps)

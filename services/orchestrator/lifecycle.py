@@ -91,19 +91,25 @@ def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: H
 
     `performance`, the attempt's performance_logs row, is written by the same statement; if it
     cannot be written, the runtime is released all the same (a lost log row must not keep it busy).
-    With a `result`, the holder's request is completed by that statement too (row["completed"];
-    False after such a failure: the request is then reclaimed when its lease expires).
+    With a `result`, the holder's request is completed by that statement too (row["completed"]).
+    After such a failure, the request ends failed instead (row["failure"], its error details):
+    left processing, it would be reclaimed and run again.
     """
     try:
         with db.connection(autocommit=True) as conn:
             row = queries.release(conn, runtime_id, holder, performance, result)
-    except Exception:  # whatever kept the attempt's record out, the release itself must happen
+    except Exception as error:  # whatever kept the attempt's record out, the release itself must happen
         if performance is None and result is None:
             raise
         logger.exception("could not record the attempt; releasing its runtime without it",
                          extra={"runtime_id": str(runtime_id)})
         with db.connection(autocommit=True) as conn:
             row = queries.release(conn, runtime_id, holder)
+            if row is not None and result is not None and holder is not None:
+                failure = {"error": "unrecordable_answer",
+                           "detail": f"The answer could not be recorded: {str(error).splitlines()[0]}"}
+                if request_queue.fail(conn, holder.request_id, owner=holder.owner, error_details=failure):
+                    row["failure"] = failure
     if row and row["keep_alive_seconds"] == 0 and row["active_requests"] == 0 and row["status"] == "running":
         _stop_if_idle(db, runtime_id, settings)
     return row

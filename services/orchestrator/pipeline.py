@@ -119,7 +119,13 @@ class Outcome:
     load_time_ms: int | None = None      # the server's own load time, on the attempt that started it
     result: dict | None = None           # the answer, on the attempt that gave it
     recorded: bool = False               # whether the statement releasing its runtime completed the request
+    failure: dict | None = None          # or failed it, because the answer could not be recorded
     record: Callable[[], dict | None] | None = None   # that statement, when it is left to the caller
+
+    def released(self, row: dict | None) -> None:
+        """Note what the statement releasing the runtime did with the request."""
+        self.recorded = bool(row and row["completed"])
+        self.failure = row.get("failure") if row else None
 
 
 class DispatchFailed(Problem):
@@ -193,10 +199,12 @@ def _run_request(db: Database, settings: Settings, row: dict, holder: Holder, *,
 def _recorded_answer(row: dict, outcome: Outcome) -> None:
     """Record the answer if that is left to do, then call back; one whose lease was lost is dropped."""
     if outcome.record is not None:
-        released, outcome.record = outcome.record(), None
-        outcome.recorded = bool(released and released["completed"])
+        record, outcome.record = outcome.record, None
+        outcome.released(record())
     if outcome.recorded:
         _call_back(row, outcome.result)
+    elif outcome.failure is not None:
+        _call_back(row, {"request_id": str(row["id"]), "status": "failed", "error": outcome.failure})
     else:
         logger.warning("lease lost before completion; result dropped", extra={"dispatch_id": str(row["id"])})
 
@@ -550,8 +558,7 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
         if record_later and outcome.result is not None:
             outcome.record = release
         else:
-            released = release()
-            outcome.recorded = bool(released and released["completed"])
+            outcome.released(release())
     return outcome
 
 

@@ -102,3 +102,13 @@ def test_jsonb_keeps_integers_beyond_64_bits_exact_and_replaces_nul(conn, value)
     expected = json.loads(json.dumps(value).replace("\\u0000", "\\ufffd"))
     assert stored == expected
     assert all(type(stored[key]) is type(expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("caf\ud800", "caf\ufffd"),                                   # unpaired high surrogate
+    ({"k\udc00": ["x\udfff", 2**70]}, {"k\ufffd": ["x\ufffd", 2**70]}),   # low ones, in a key; json.dumps' path
+    ("\U0001F600 \ud83d", "\U0001F600 \ufffd"),                   # a pair stays whole
+    ("\\ud800 \\\ud800", "\\ud800 \\\ufffd"),                     # backslashes, then "ud800"; then a surrogate
+])
+def test_jsonb_replaces_unpaired_surrogates(conn, value, expected):
+    assert conn.execute("SELECT %s::jsonb AS value", (Jsonb(value),)).fetchone()["value"] == expected

@@ -245,8 +245,10 @@ def test_an_answer_that_cannot_be_recorded_still_frees_its_runtime(client, conn,
     monkeypatch.setattr(queries, "release", refusing)
     response = client.post("/dispatch", json=dispatch_body())
 
-    assert response.status_code == 200     # the caller has its answer; lease expiry ends the request
-    assert queue_row(conn, response.get_json()["request_id"])["status"] == "processing"
+    assert response.status_code == 200     # the caller has its answer; its record says it failed
+    row = queue_row(conn, response.get_json()["request_id"])
+    assert (row["status"], row["error_details"]) == ("failed", {
+        "error": "unrecordable_answer", "detail": "The answer could not be recorded: refused"})
     assert busy_counts(conn, model) == [0]
 
 
@@ -634,6 +636,44 @@ def test_only_a_pending_request_can_be_cancelled(client, conn, fake_server):
     assert again.status_code == 409
     assert again.get_json()["detail"] == f"Request {queued} is cancelled; only a pending request can be cancelled."
     assert client.delete("/requests/00000000-0000-4000-8000-000000000000").status_code == 404
+
+
+def test_an_unpaired_surrogate_in_an_answer_is_stored_as_a_replacement_character(client, conn, db, fake_server):
+    """Valid in JSON, refused by jsonb: the record keeps the answer, with U+FFFD in its place."""
+    served_by(conn, fake_server)
+    fake_server.config.reply = "caf\ud800"
+    answered = client.post("/dispatch", json=dispatch_body())
+    assert (answered.status_code, answered.get_json()["response"]) == (200, "caf\ud800")
+    assert queue_row(conn, answered.get_json()["request_id"])["result"]["response"] == "caf\ufffd"
+
+    request_id = client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
+    assert WorkerPool(db, client.application.extensions["settings"], workers=1).run_once() is True
+    row = queue_row(conn, request_id)
+    assert (row["status"], row["attempts"], row["result"]["response"]) == ("completed", 1, "caf\ufffd")
+
+
+def test_an_answer_that_cannot_be_recorded_fails_its_request_instead_of_running_it_again(
+        client, conn, db, fake_server, monkeypatch):
+    served_by(conn, fake_server)
+    release = queries.release
+
+    def release_refusing_results(conn, runtime_id, holder=None, performance=None, result=None):
+        if result is not None:
+            raise psycopg.errors.DataException("jsonb refuses this answer\nDETAIL: internals")
+        return release(conn, runtime_id, holder, performance, result)
+
+    monkeypatch.setattr(queries, "release", release_refusing_results)
+    request_id = client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
+    assert WorkerPool(db, client.application.extensions["settings"], workers=1).run_once() is True
+
+    row = queue_row(conn, request_id)
+    assert (row["status"], row["attempts"], row["lease_expires_at"]) == ("failed", 1, None)
+    assert row["error_details"] == {"error": "unrecordable_answer",
+                                    "detail": "The answer could not be recorded: jsonb refuses this answer"}
+    assert conn.execute("SELECT holds_runtime FROM request_queue WHERE id = %s",
+                        (request_id,)).fetchone()["holds_runtime"] is False
+    assert conn.execute("SELECT sum(active_requests) AS n FROM container_lifecycle").fetchone()["n"] == 0
+    assert request_queue.reclaim_expired(conn, max_attempts=3) == []   # nothing to run again
 
 
 def test_feedback_is_stored_against_the_model_that_answered(client, conn, fake_server):
