@@ -400,6 +400,9 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
                 _record_failure(db, row, owner, {"error": "client_disconnected", "detail": DISCONNECTED,
                                                  "attempts": _as_dicts(attempts)})
                 raise
+            except Exception as error:   # unforeseen: the request ends now rather than when its lease expires
+                _record_failure(db, row, owner, {**_error_details(error), "attempts": _as_dicts(attempts)})
+                raise
             parsed, generation = outcome.parsed, outcome.generation
             _end_attempt(db, request_id, request, outcome, started,
                          "ok" if parsed.valid else "invalid_output", None)

@@ -78,6 +78,14 @@ class Generation:
     timings: Timings = field(default_factory=Timings)
     finish_reason: str | None = None
 
+    def __post_init__(self) -> None:
+        """A server's answer of another shape (content parts, counts as text) is its error, found here."""
+        if not isinstance(self.text, str):
+            raise TypeError(f"the answer's text is {type(self.text).__name__}, not a string")
+        for count in (self.input_tokens, self.output_tokens):
+            if count is not None and (type(count) is not int or count < 0):
+                raise TypeError(f"a token count is {count!r}, not a whole number")
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -109,6 +117,10 @@ def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[str]:
         yield pending.rstrip(b"\r").decode()
 
 
+# What reading an answer of an unexpected shape raises (a string where an object belongs, say).
+SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
 class GenerationStream:
     """Text chunks as they arrive; `result` is the whole `Generation` once the stream is exhausted."""
 
@@ -130,8 +142,8 @@ class GenerationStream:
             if _is_timeout(exc):
                 raise ModelServerTimeout("the model server stopped sending before the answer was complete") from exc
             raise ModelServerError(f"the model server broke off its stream: {exc}") from exc
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelServerError(f"the model server broke off its stream: {exc}") from exc
+        except SHAPE_ERRORS as exc:
+            raise ModelServerError(f"the model server's stream has an unexpected shape: {exc!r}") from exc
         finally:
             self.close()
 
@@ -158,8 +170,8 @@ class ModelClient:
         body = self._post(*self._request(prompt, messages, options, stream=False)).json_body()
         try:
             return self._generation(body, (time.perf_counter() - started) * 1000)
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise ModelServerError(f"the model server's answer has an unexpected shape: {exc}") from exc
+        except SHAPE_ERRORS as exc:
+            raise ModelServerError(f"the model server's answer has an unexpected shape: {exc!r}") from exc
 
     def stream(self, prompt: str | None = None, messages: list[dict] | None = None,
                options: Options = Options()) -> GenerationStream:
@@ -342,6 +354,13 @@ def _messages(prompt: str | None, messages: list[dict] | None) -> list[dict]:
     return list(messages) if messages else [{"role": "user", "content": prompt or ""}]
 
 
+def _piece(text) -> str:
+    """A streamed piece of the answer: text, or nothing."""
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"a piece of the answer is {type(text).__name__}, not a string")
+    return text or ""
+
+
 def _per_second(tokens: int | None, ms: float | None) -> float | None:
     return tokens / (ms / 1000) if tokens and ms else None
 
@@ -397,7 +416,7 @@ class OpenAIClient(ModelClient):
             usage = chunk.get("usage") or usage
             timings = chunk.get("timings") or timings
             for choice in chunk.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
+                piece = _piece((choice.get("delta") or {}).get("content"))
                 if piece:
                     text.append(piece)
                     yield piece
@@ -482,7 +501,7 @@ class OllamaClient(ModelClient):
             chunk = fast_json.loads(line)
             if "error" in chunk:
                 raise ModelServerError(f"the model server reported: {chunk['error']}")
-            piece = chunk["message"]["content"] if "message" in chunk else chunk.get("response", "")
+            piece = _piece(chunk["message"]["content"] if "message" in chunk else chunk.get("response"))
             if piece:
                 text.append(piece)
                 yield piece

@@ -776,6 +776,23 @@ def test_streamed_attempts_take_the_template_from_memory(conn, db, settings, fak
                         (model["id"],)).fetchall() == [{"template_id": family["id"]}]
 
 
+def test_a_stream_that_fails_unforeseen_ends_its_request_at_once(conn, db, settings, fake_server, monkeypatch):
+    model = served_by(conn, fake_server)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline, "parse_output", broken)
+    with pytest.raises(RuntimeError):
+        streamed(conn, db, settings)
+    row = conn.execute("SELECT status, error_details, lease_expires_at FROM request_queue"
+                       " WHERE lease_owner = 'streamer'").fetchone()
+    assert (row["status"], row["error_details"]["status"], row["lease_expires_at"]) == ("failed", 500, None)
+    assert [a["outcome"] for a in row["error_details"]["attempts"]] == ["pending"]
+    assert conn.execute("SELECT active_requests FROM container_lifecycle WHERE model_id = %s",
+                        (model["id"],)).fetchone()["active_requests"] == 0
+
+
 def test_an_invalid_streamed_answer_is_reported_but_never_repaired(conn, db, settings):
     reasons = [{"code": "schema_violation", "message": "'forty-two' is not of type 'integer'", "path": "/answer"}]
     with FakeModelServer(reply='{"answer": "forty-two"}') as server:

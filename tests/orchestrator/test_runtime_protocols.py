@@ -139,6 +139,58 @@ def test_garbage_json_is_a_bad_gateway(fake_server, client_class):
         list(client_class(fake_server.url, "fake").stream("Hi"))
 
 
+@pytest.fixture
+def canned_server():
+    """A server answering every POST with the body set in `answer` (a stream: text/event-stream)."""
+    answer = {"body": b"{}"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer["body"])))
+            self.end_headers()
+            self.wfile.write(answer["body"])
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", answer
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("client_class, body", [
+    (OpenAIClient, {"choices": [{"message": "hi"}]}),
+    (OpenAIClient, {"choices": [{"message": {"content": [{"type": "text", "text": "hi"}]}}]}),
+    (OpenAIClient, {"choices": [{"message": {"content": "hi"}}], "usage": {"completion_tokens": "2"}}),
+    (OpenAIClient, {"choices": "hi"}),
+    (OllamaClient, {"message": ["hi"]}),
+    (OllamaClient, {"response": 42, "done": True}),
+    (OllamaClient, {"response": "hi", "done": True, "eval_count": -1}),
+])
+def test_an_answer_of_another_shape_is_a_bad_gateway(canned_server, client_class, body):
+    url, answer = canned_server
+    answer["body"] = json.dumps(body).encode()
+    with pytest.raises(ModelServerError, match="the model server's answer has an unexpected shape"):
+        client_class(url, "fake").generate("Hi")
+
+
+@pytest.mark.parametrize("client_class, body", [
+    (OpenAIClient, b'data: ["x"]\n\ndata: [DONE]\n\n'),
+    (OpenAIClient, b'data: {"choices": [{"delta": {"content": 7}}]}\n\ndata: [DONE]\n\n'),
+    (OllamaClient, b'["x"]\n'),
+    (OllamaClient, b'{"message": {"content": {"text": "x"}}}\n'),
+])
+def test_a_stream_of_another_shape_is_a_bad_gateway(canned_server, client_class, body):
+    url, answer = canned_server
+    answer["body"] = body
+    with pytest.raises(ModelServerError, match="the model server's stream has an unexpected shape"):
+        list(client_class(url, "fake").stream("Hi"))
+
+
 @pytest.mark.parametrize("client_class", [OpenAIClient, OllamaClient])
 def test_a_dropped_connection_is_a_bad_gateway_and_is_not_retried(fake_server, client_class):
     fake_server.config.fault = "drop"
