@@ -11,7 +11,7 @@ from services.common.app import Blueprint, after_response, current_settings
 from services.common.db import get_db
 from services.common.errors import Conflict, NotFound
 from services.orchestrator import request_queue
-from services.orchestrator.pipeline import run_sync_request
+from services.orchestrator.pipeline import check_admissible, run_sync_request
 from services.orchestrator.dispatch_schemas import (AcceptedSchema, DispatchResultSchema, DispatchSchema,
                                                     FeedbackOutSchema, FeedbackSchema, RequestStatusSchema)
 
@@ -29,6 +29,7 @@ class Dispatch(MethodView):
         run_async = body.pop("run_async") or "respond-async" in request.headers.get("Prefer", "")
         # Secrets: kept in a column of their own, out of the payload that is stored and read back.
         callback_headers = body.pop("callback_headers") or None
+        check_admissible(body, current_settings())
         request_id = dispatch_request_id()
         db = get_db()
         if run_async:

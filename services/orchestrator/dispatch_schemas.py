@@ -9,6 +9,7 @@ from services.common.validation import WholeMatch
 from services.common.vocabulary import OUTPUT_FORMATS, TASK_TYPES
 from services.orchestrator.schemas import MessageSchema
 from services.prompt_builder.formats import json_schema_problem
+from services.prompt_builder.templates import EXTRA_VARIABLES
 from services.registry.selection import COMPLEXITY_LEVELS
 
 MODEL_REF = r"^[a-z0-9][a-z0-9._-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?$"
@@ -58,6 +59,11 @@ class WeightsSchema(Schema):
     memory = fields.Float(validate=validate.Range(0, 1))
     cost = fields.Float(validate=validate.Range(0, 1))
 
+    @validates_schema
+    def _one_above_zero(self, data: dict, **kwargs) -> None:
+        if data and not any(data.values()):
+            raise ValidationError("At least one weight must be above 0.")
+
 
 class RequirementsSchema(Schema):
     max_memory_mb = fields.Integer(validate=validate.Range(1, 10_000_000))
@@ -80,7 +86,7 @@ class DispatchSchema(Schema):
                   {"type": "string", "enum": list(COMPLEXITY_LEVELS)}]})
     output_format = fields.String(load_default="text", validate=validate.OneOf(OUTPUT_FORMATS))
     json_schema = fields.Dict(allow_none=True, load_default=None)
-    variables = fields.Dict(keys=fields.String(validate=validate.Length(1, 50)),
+    variables = fields.Dict(keys=fields.String(validate=validate.OneOf(EXTRA_VARIABLES)),
                             values=fields.String(validate=validate.Length(max=100_000)),
                             load_default=dict, validate=validate.Length(max=20))
     max_tokens = fields.Integer(load_default=256, validate=validate.Range(1, 8192))

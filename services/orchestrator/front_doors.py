@@ -27,7 +27,7 @@ from services.common.errors import PROBLEM_CONTENT_TYPE, Unprocessable
 from services.orchestrator import queries
 from services.orchestrator.dispatch_api import dispatch_request_id, enqueue_sync
 from services.orchestrator.dispatch_schemas import MODEL_REF, TASK_TYPES, Complexity, MessageSchema
-from services.orchestrator.pipeline import run_sync_request, stream_dispatch
+from services.orchestrator.pipeline import check_admissible, run_sync_request, stream_dispatch
 from services.orchestrator.schemas import MAX_TEXT_CHARS
 from services.prompt_builder.formats import json_schema_problem
 
@@ -253,13 +253,15 @@ def _dispatch_request(headers: dict, body: dict, *, messages: list[dict], output
                             errors={"json": {"model": ["Unknown model name syntax."]}})
     if json_schema is not None and (problem := json_schema_problem(json_schema)):
         raise Unprocessable(problem)
-    return {
+    payload = {
         "task_type": headers["task_type"], "complexity": headers["complexity"],
         "max_retries": headers["max_retries"], "messages": messages, "output_format": output_format,
         "json_schema": json_schema, "variables": {}, "max_tokens": max_tokens or 256,
         "temperature": temperature, "seed": seed, "priority": 100, "requirements": {},
         "timeout_s": 120.0, "model": None if model == AUTO else model, "callback_url": None,
     }
+    check_admissible(payload, current_settings())
+    return payload
 
 
 def _run(payload: dict) -> dict:

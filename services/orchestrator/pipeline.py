@@ -7,8 +7,11 @@ Failure handling, per request, within `max_retries` extra attempts:
 - the runtime fails, times out or cannot start -> the next candidate (wrapping around to the
   first when the list is exhausted, so a restarted runtime gets its turn);
 - the output does not validate -> one repair on the same model (the model sees its answer and
-  what was wrong), then escalation to the next candidate that is at least as capable.
-Every attempt is logged in performance_logs. When all fail, `DispatchFailed` carries them all.
+  what was wrong), then escalation to the next candidate that is at least as capable;
+- the request does not fit the model's prompt template (too long once rendered, say) -> the next
+  candidate, whose template may differ.
+Every attempt that reached a model is logged in performance_logs. When all fail, `DispatchFailed`
+carries them all; when none could build its prompt, the request is at fault: its problem is raised.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from services.orchestrator.lifecycle import lease_runtime, leased_runtime, relea
 from services.orchestrator.protocols import (Generation, ModelServerTimeout, Options,
                                              client_for)
 from services.prompt_builder.formats import ParsedOutput, parse_output, repair_prompt
-from services.prompt_builder.templates import BuiltPrompt, PromptRequest, build_prompt
+from services.prompt_builder.templates import BuiltPrompt, PromptRequest, build_prompt, check_prompt_size
 from services.registry.selection import (Candidate, Selection, SelectionRequest, StaleSelection, last_state,
                                          select_models)
 
@@ -98,7 +101,7 @@ class Attempt:
     model: str
     model_id: str
     runtime_id: str | None = None
-    # ok | invalid_output | timeout | server_error | start_failed | client_disconnected
+    # ok | invalid_output | timeout | server_error | start_failed | prompt_failed | client_disconnected
     outcome: str = "pending"
     error: str | None = None
     reasons: list[dict] = field(default_factory=list)
@@ -118,6 +121,7 @@ class Outcome:
     cold_start: bool = False
     load_time_ms: int | None = None      # the server's own load time, on the attempt that started it
     result: dict | None = None           # the answer, on the attempt that gave it
+    problem: Problem | None = None       # why the prompt could not be built (prompt_failed)
     recorded: bool = False               # whether the statement releasing its runtime completed the request
     failure: dict | None = None          # or failed it, because the answer could not be recorded
     record: Callable[[], dict | None] | None = None   # that statement, when it is left to the caller
@@ -329,7 +333,7 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
                        total_ms=_ms_since(started), queue_wait_ms=queue_wait_ms)
 
     attempts: list[Attempt] = []
-    index, repair_of = 0, None
+    index, repair_of, prompt_problem = 0, None, None
     while len(attempts) <= request.max_retries:
         candidate = selection.candidates[index % len(selection.candidates)]
         attempt = Attempt(number=len(attempts) + 1, model=_label(candidate.model),
@@ -351,9 +355,17 @@ def dispatch(db: Database, settings: Settings, request_id: str, request: Dispatc
         if attempt.outcome == "invalid_output" and repair_of is None:
             repair_of = outcome       # same model, once, with what was wrong
             continue
+        prompt_problem = prompt_problem or outcome.problem
         repair_of = None
         index = _next_candidate(selection.candidates, index, escalate=attempt.outcome == "invalid_output")
-    raise DispatchFailed(request_id, attempts)
+    raise _failure(request_id, attempts, prompt_problem)
+
+
+def _failure(request_id: str, attempts: list[Attempt], prompt_problem: Problem | None) -> Problem:
+    """DispatchFailed; or, when no attempt could build its prompt, the request's own problem."""
+    if prompt_problem is not None and all(a.outcome == "prompt_failed" for a in attempts):
+        return prompt_problem
+    return DispatchFailed(request_id, attempts)
 
 
 def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) -> Iterator[dict]:
@@ -375,6 +387,7 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
         _record_failure(db, row, owner, _error_details(error))
         raise
     attempts: list[Attempt] = []
+    prompt_problem = None
     with lease_kept_alive(db, settings, request_id, owner):
         for number in range(request.max_retries + 1):
             candidate = selection.candidates[number % len(selection.candidates)]   # wraps, as dispatch does
@@ -382,10 +395,12 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
                               model_id=str(candidate.model["id"]))
             attempts.append(attempt)
             outcome, started, text = Outcome(attempt=attempt), time.perf_counter(), []
+            if not _prompt_built(db, settings, request, candidate.model, outcome, selection.templates_version):
+                prompt_problem = prompt_problem or outcome.problem
+                continue
             try:
                 yield from _stream_attempt(db, settings, request, candidate, outcome, text,
-                                           holder=Holder(request_id, owner),
-                                           templates_version=selection.templates_version)
+                                           holder=Holder(request_id, owner))
             except Problem as error:
                 failed = "timeout" if isinstance(error, ModelServerTimeout) else (
                     "server_error" if attempt.runtime_id else "start_failed")
@@ -420,7 +435,7 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
                                "generation_ms": generation.timings.total_ms},
                    "valid": parsed.valid, **({} if parsed.valid else {"reasons": parsed.reasons})}
             return
-    failure = DispatchFailed(request_id, attempts)
+    failure = _failure(request_id, attempts, prompt_problem)
     _record_failure(db, row, owner, _error_details(failure))
     raise failure
 
@@ -429,18 +444,15 @@ DISCONNECTED = "The client disconnected before the answer was complete."
 
 
 def _stream_attempt(db: Database, settings: Settings, request: DispatchRequest,
-                    candidate: Candidate, outcome: Outcome, text: list[str], *, holder: Holder,
-                    templates_version: str | None = None) -> Iterator[dict]:
-    """One model's streamed answer: the start event once it answers, then its text.
+                    candidate: Candidate, outcome: Outcome, text: list[str], *, holder: Holder) -> Iterator[dict]:
+    """One model's streamed answer, on the prompt built in `outcome`: the start event once it answers,
+    then its text.
 
     The start event waits for the first chunk, so a model that fails before answering is retried
     on the next candidate without the client seeing anything. `outcome` ends with the generation
     and its whole text parsed (`parsed`, which `_end_attempt` logs; `attempt.reasons`).
     """
     attempt, started = outcome.attempt, time.perf_counter()
-    with db.connection(autocommit=True) as conn:
-        outcome.built = build_prompt(conn, prompt_request(request, candidate.model),
-                                     templates_version=templates_version)
     with leased_runtime(db, candidate.model["id"], settings, holder=holder) as runtime:
         outcome.ensure_ms = _ms_since(started)
         attempt.runtime_id = str(runtime["id"])
@@ -533,12 +545,11 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
     model = candidate.model
     outcome = Outcome(attempt=attempt)
     started, started_at = time.perf_counter(), datetime.now(timezone.utc)
+    if not _prompt_built(db, settings, request, model, outcome, templates_version):
+        return outcome
     try:
-        with db.connection(autocommit=True) as conn:  # reads only when the templates are not in memory
-            outcome.built = build_prompt(conn, prompt_request(request, model),
-                                         templates_version=templates_version)
         runtime = lease_runtime(db, model["id"], settings, holder=holder, selection_state=selection_state)
-    except Problem as error:  # no prompt, or no runtime to run it on
+    except Problem as error:  # no runtime to run it on
         attempt.outcome, attempt.error = "start_failed", error.detail
         attempt.duration_ms = _ms_since(started)
         _log_attempt(db, request_id, request, outcome, queue_wait_ms)
@@ -565,6 +576,20 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
     return outcome
 
 
+def _prompt_built(db: Database, settings: Settings, request: DispatchRequest, model: dict, outcome: Outcome,
+                  templates_version: str | None) -> bool:
+    """Build the attempt's prompt (`outcome.built`); False, with the attempt prompt_failed, when the
+    request does not fit the model's template. No model ran: nothing is logged against it."""
+    try:
+        with db.connection(autocommit=True) as conn:  # reads only when the templates are not in memory
+            outcome.built = build_prompt(conn, prompt_request(request, model, settings),
+                                         templates_version=templates_version)
+    except Problem as error:
+        outcome.attempt.outcome, outcome.attempt.error, outcome.problem = "prompt_failed", error.detail, error
+        return False
+    return True
+
+
 def _generate(outcome: Outcome, model: dict, runtime: dict, request: DispatchRequest,
               repair_of: Outcome | None) -> None:
     """Generate on the runtime and check the output; the attempt's outcome says how it went."""
@@ -584,11 +609,18 @@ def _generate(outcome: Outcome, model: dict, runtime: dict, request: DispatchReq
         attempt.outcome, attempt.error = "server_error", error.detail
 
 
-def prompt_request(request: DispatchRequest, model: dict) -> PromptRequest:
+def prompt_request(request: DispatchRequest, model: dict, settings: Settings) -> PromptRequest:
     return PromptRequest(prompt=request.user_text, task_type=request.task_type,
                          model=_label(model), protocol=model["protocol"],
                          output_format=request.output_format, json_schema=request.json_schema,
-                         variables=request.variables)
+                         variables=request.variables, max_prompt_chars=settings.max_prompt_chars)
+
+
+def check_admissible(payload: dict, settings: Settings) -> None:
+    """Refuse now, before recording it, a request every attempt would refuse: a prompt over the size
+    limit (PayloadTooLarge; its template adds to it, so one just under may still fail then)."""
+    text = payload["prompt"] if payload.get("prompt") is not None else payload["messages"][-1]["content"]
+    check_prompt_size(text, payload.get("variables") or {}, settings.max_prompt_chars)
 
 
 def conversation(request: DispatchRequest, built: BuiltPrompt, repair_of: Outcome | None) -> list[dict]:

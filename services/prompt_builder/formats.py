@@ -9,6 +9,7 @@ from typing import Any
 from jsonschema.exceptions import SchemaError
 from jsonschema_specifications import REGISTRY as META_SCHEMAS
 from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 
 from services.common.errors import Unprocessable
 from services.common.vocabulary import OUTPUT_FORMATS, PROTOCOLS
@@ -61,7 +62,7 @@ def json_schema_problem(schema: Any) -> str | None:
         return f"json_schema is not a valid JSON Schema (Draft 2020-12): {error.message}"
     except RecursionError:
         return "json_schema is nested too deeply."
-    return _unusable_pattern(schema, ())
+    return _unusable_pattern(schema, ()) or _unresolvable_ref(schema)
 
 
 # Keywords whose values are data, not schemas: a "pattern" inside them is not a regex.
@@ -97,6 +98,29 @@ def _unusable_pattern(node: Any, path: tuple) -> str | None:
         problem = _unusable_pattern(value, (*path, key))
         if problem:
             return problem
+    return None
+
+
+def _unresolvable_ref(schema: dict) -> str | None:
+    """The first `$ref` that leads nowhere: found here, not once a model has answered (validating the
+    answer would fail then), and only within the document (no remote schema is ever fetched)."""
+    root = DRAFT202012.create_resource(schema)
+    pending = [(schema, META_SCHEMAS.with_resource(root.id() or "", root).resolver(root.id() or ""))]
+    while pending:   # a loop, not recursion: the schema may be nested deep
+        node, resolver = pending.pop()
+        if isinstance(node, list):
+            pending.extend((item, resolver) for item in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        if node is not schema and isinstance(node.get("$id"), str):   # a base URI of its own
+            resolver = resolver.in_subresource(DRAFT202012.create_resource(node))
+        if isinstance(node.get("$ref"), str):
+            try:
+                resolver.lookup(node["$ref"])
+            except Unresolvable:
+                return f"json_schema has a $ref that leads nowhere: {node['$ref']!r}."
+        pending.extend((value, resolver) for key, value in node.items() if key not in _DATA_KEYWORDS)
     return None
 
 

@@ -316,7 +316,12 @@ def _check_request(request: PromptRequest) -> None:
     if not all(isinstance(value, str) for value in request.variables.values()):
         raise Unprocessable("Variable values must be strings.")
     # Before rendering, so an oversized request costs no work.
-    _check_size(len(request.prompt) + sum(map(len, request.variables.values())), request.max_prompt_chars)
+    check_prompt_size(request.prompt, request.variables, request.max_prompt_chars)
+
+
+def check_prompt_size(prompt: str, variables: Mapping[str, str], limit: int) -> None:
+    """PayloadTooLarge when the text a template is to wrap is over `limit` characters already."""
+    _check_size(len(prompt) + sum(map(len, variables.values())), limit)
 
 
 def _check_size(size: int, limit: int) -> None:

@@ -338,17 +338,39 @@ def test_a_pattern_reached_only_through_a_ref_is_refused_before_any_model_runs(c
     assert not [r for r in server.state.requests if r["method"] == "POST"]
 
 
-def test_output_that_cannot_be_checked_is_a_422_at_once_not_a_retry_on_every_model(client, conn):
-    schema = {"$ref": "#/nowhere"}       # a well-formed schema whose reference leads nowhere
+@pytest.mark.parametrize("run_async", [False, True])
+def test_a_schema_whose_reference_leads_nowhere_is_a_422_before_any_model_runs(client, conn, run_async):
+    schema = {"$ref": "#/nowhere"}       # well-formed; no answer could ever be checked against it
     with FakeModelServer(reply='{"answer": 42}') as server:
-        model = served_by(conn, server)
-        response = client.post("/dispatch", json=dispatch_body(output_format="json", json_schema=schema))
+        served_by(conn, server)
+        response = client.post("/dispatch", json=dispatch_body(output_format="json", json_schema=schema,
+                                                               **{"async": run_async}))
     assert response.status_code == 422, response.get_json()
-    assert len([r for r in server.state.requests if r["method"] == "POST"]) == 1
-    row = queue_row(conn, response.headers["X-Request-ID"])
-    assert (row["status"], row["error_details"]["status"]) == ("failed", 422)
-    assert [r["active_requests"] for r in conn.execute(
-        "SELECT active_requests FROM container_lifecycle WHERE model_id = %s", (model["id"],))] == [0]
+    assert response.get_json()["errors"] == {
+        "json": {"json_schema": ["json_schema has a $ref that leads nowhere: '#/nowhere'."]}}
+    assert not [r for r in server.state.requests if r["method"] == "POST"]
+    assert queue_row(conn, response.headers["X-Request-ID"]) is None
+
+
+def test_a_prompt_over_the_limit_is_a_413_and_blames_no_model(make_app, settings, conn, fake_server):
+    """Over the limit as sent: refused before it is recorded. Over it only once a template wraps it:
+    no model can run it, so no model is blamed for it (no performance row), and the caller gets the 413."""
+    served_by(conn, fake_server)
+    client = make_app(create_app, RUNTIME_DIR=settings.runtime_dir, RUNTIME_DRIVERS=("external",),
+                      RECONCILE_ON_START=False, MAX_PROMPT_CHARS=60).test_client()
+
+    refused = client.post("/dispatch", json=dispatch_body(prompt="x" * 61, **{"async": True}))
+    assert (refused.status_code, refused.get_json()["detail"]) == (
+        413, "The prompt is 61 characters; the limit is 60.")
+    assert queue_row(conn, refused.headers["X-Request-ID"]) is None
+
+    wrapped = client.post("/dispatch", json=dispatch_body(prompt="x" * 55))
+    assert wrapped.status_code == 413, wrapped.get_json()
+    assert wrapped.get_json()["detail"].endswith("characters; the limit is 60.")
+    row = queue_row(conn, wrapped.headers["X-Request-ID"])
+    assert (row["status"], row["error_details"]["status"]) == ("failed", 413)
+    assert performance_rows(conn, wrapped.headers["X-Request-ID"]) == []
+    assert not [r for r in fake_server.requests if r["method"] == "POST"]
 
 
 def test_invalid_output_is_repaired_once_then_escalated_to_a_stronger_model(client, conn):
@@ -446,6 +468,10 @@ def test_a_pinned_model_skips_selection(client, conn, fake_server):
         "json_schema has a pattern at /pattern that RE2 cannot compile: '(a)\\\\1' (invalid escape sequence: \\1). "
         "Patterns run on RE2, in linear time, which has no lookahead, lookbehind or backreferences."]}),
     (dispatch_body(callback_url="file:///etc/passwd"), {"callback_url": ["Not a valid URL."]}),
+    (dispatch_body(variables={"contexte": "typo"}, **{"async": True}),
+     {"variables": {"contexte": {"key": ["Must be one of: context, language, labels, examples, history."]}}}),
+    (dispatch_body(requirements={"weights": {"speed": 0, "cost": 0}}, **{"async": True}),
+     {"requirements": {"weights": {"_schema": ["At least one weight must be above 0."]}}}),
     (dispatch_body(colour="red"), {"colour": ["Unknown field."]}),
     ({"messages": [{"role": "assistant", "content": "hi"}]},
      {"messages": ["The last message must be a user message."]}),
