@@ -244,13 +244,23 @@ def mark_stopped(conn: psycopg.Connection, runtime_id: str) -> dict | None:
 
 
 def begin_restart(conn: psycopg.Connection, runtime_id: str) -> dict | None:
-    """stopped/error -> starting again on the same row, counting the restart."""
+    """stopped/error -> starting again on the same row, counting the restart.
+
+    Requests still holding the runtime from its last run hold it no more: their late releases would
+    take requests of the new run off its count. (Stopped or failed, it takes no new holder meanwhile.)
+    Their rows are locked before the runtime's, the order every lease and release takes them in.
+    """
     return _runtime_returning(conn, """
+        WITH dropped AS (
+            UPDATE request_queue SET holds_runtime = false
+            WHERE assigned_runtime_id = %(id)s AND holds_runtime
+              AND EXISTS (SELECT FROM container_lifecycle WHERE id = %(id)s AND status IN ('stopped', 'error'))
+            RETURNING id)
         UPDATE container_lifecycle
         SET status = 'starting', health_status = 'unknown', restart_count = restart_count + 1,
             pid = NULL, container_id = NULL, port = NULL, endpoint = NULL, error_message = NULL,
             started_at = NULL, ready_at = NULL, stopped_at = NULL, active_requests = 0
-        WHERE id = %(id)s AND status IN ('stopped', 'error')
+        WHERE id = %(id)s AND status IN ('stopped', 'error') AND (SELECT count(*) FROM dropped) >= 0
         RETURNING id
     """, {"id": runtime_id})
 

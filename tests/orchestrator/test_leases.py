@@ -176,6 +176,32 @@ def test_a_request_reclaimed_after_its_attempt_released_the_runtime_gives_nothin
     assert busy(conn, runtime["id"]) == 1
 
 
+def test_a_release_from_before_a_restart_leaves_the_new_runs_count_alone(conn):
+    runtime, old = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000407")
+    queries.acquire(conn, runtime["id"], old)
+    queries.mark_error(conn, runtime["id"], "the health check failed")
+    assert queries.begin_restart(conn, runtime["id"]) is not None
+    assert queued(conn, old.request_id)["holds_runtime"] is False
+    queries.mark_ready(conn, runtime["id"], load_time_ms=5)
+    _, new = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000408")
+    queries.acquire(conn, runtime["id"], new)
+
+    queries.release(conn, runtime["id"], old)   # the old attempt's call timed out at last
+
+    assert busy(conn, runtime["id"]) == 1
+    queries.release(conn, runtime["id"], new)
+    assert busy(conn, runtime["id"]) == 0
+
+
+def test_a_restart_refused_leaves_the_holders_of_a_running_runtime_alone(conn):
+    runtime, holder = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000409")
+    queries.acquire(conn, runtime["id"], holder)
+    assert queries.begin_restart(conn, runtime["id"]) is None   # running: nothing to restart
+    assert queued(conn, holder.request_id)["holds_runtime"] is True
+    queries.release(conn, runtime["id"], holder)
+    assert busy(conn, runtime["id"]) == 0
+
+
 def performance_of(conn, request_id: str) -> list[dict]:
     return conn.execute("SELECT runtime_id, attempt, success, error_class FROM performance_logs"
                         " WHERE request_id = %s", (request_id,)).fetchall()
