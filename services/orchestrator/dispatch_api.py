@@ -81,8 +81,12 @@ class Feedback(MethodView):
         """Rate the answer to a request (0..1); selection learns from it."""
         with get_db().connection() as conn:
             row = request_queue.add_feedback(conn, request_id, **body)
-        if row is None:
+            request = request_queue.get(conn, request_id) if row is None else None
+        if row is None and request is None:
             raise NotFound(f"Request {request_id} does not exist.")
+        if row is None:
+            raise Conflict(f"Request {request_id} is {request['status']}: it has no answer to rate.",
+                           request_status=request["status"])
         return row
 
 

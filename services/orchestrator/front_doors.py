@@ -282,8 +282,10 @@ def _streamed(payload: dict, to_lines: Callable[[dict, Iterator[dict]], Iterator
         finally:
             events.close()      # a client gone mid-stream: release the runtime, end the request
 
-    return Response(stream_with_context(body()), mimetype=mimetype,
-                    headers={"Cache-Control": "no-cache", "X-Dispatch-Model": start["model"]})
+    response = Response(stream_with_context(body()), mimetype=mimetype,
+                        headers={"Cache-Control": "no-cache", "X-Dispatch-Model": start["model"]})
+    response.call_on_close(events.close)   # also when the server closes the body before reading any of it
+    return response
 
 
 def _sse_lines(start: dict, events: Iterator[dict]) -> Iterator[str]:

@@ -401,6 +401,8 @@ def stream_dispatch(db: Database, settings: Settings, row: dict, *, owner: str) 
             try:
                 yield from _stream_attempt(db, settings, request, candidate, outcome, text,
                                            holder=Holder(request_id, owner))
+            except request_queue.LeaseLost:   # the request is no longer ours to end
+                raise
             except Problem as error:
                 failed = "timeout" if isinstance(error, ModelServerTimeout) else (
                     "server_error" if attempt.runtime_id else "start_failed")
@@ -549,6 +551,8 @@ def run_attempt(db: Database, settings: Settings, request_id: str, request: Disp
         return outcome
     try:
         runtime = lease_runtime(db, model["id"], settings, holder=holder, selection_state=selection_state)
+    except request_queue.LeaseLost:   # the request is no longer this worker's: no model is to blame
+        raise
     except Problem as error:  # no runtime to run it on
         attempt.outcome, attempt.error = "start_failed", error.detail
         attempt.duration_ms = _ms_since(started)

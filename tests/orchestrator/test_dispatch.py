@@ -714,6 +714,37 @@ def test_feedback_is_stored_against_the_model_that_answered(client, conn, fake_s
     assert client.post(f"/requests/{request_id}/feedback", json={"score": 1.5}).status_code == 422
 
 
+def test_a_request_taken_back_from_its_worker_blames_no_model(client, conn, db, settings, fake_server):
+    served_by(conn, fake_server)
+    assert client.post("/dispatch", json=dispatch_body()).status_code == 200   # a running runtime
+    client.post("/dispatch", json=dispatch_body(**{"async": True}))
+    row = request_queue.claim_next(conn, owner="worker-a", lease_seconds=30)
+    conn.execute("UPDATE request_queue SET lease_owner = 'worker-b' WHERE id = %s", (row["id"],))  # reclaimed, retaken
+    posts = len([r for r in fake_server.requests if r["method"] == "POST"])
+
+    assert pipeline.run_queued_request(db, replace(settings, runtime_drivers=("external",)), row,
+                                       owner="worker-a") is None
+
+    assert performance_rows(conn, str(row["id"])) == []
+    assert len([r for r in fake_server.requests if r["method"] == "POST"]) == posts
+    assert queue_row(conn, row["id"])["status"] == "processing"   # still worker-b's
+
+
+def test_a_request_without_an_answer_takes_no_feedback(client, conn, fake_server):
+    served_by(conn, fake_server)
+    pending = client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
+    cancelled = client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
+    client.delete(f"/requests/{cancelled}")
+    fake_server.config.fault = "error"
+    failed = client.post("/dispatch", json=dispatch_body(max_retries=0)).headers["X-Request-ID"]
+
+    for request_id, status in ((pending, "pending"), (cancelled, "cancelled"), (failed, "failed")):
+        refused = client.post(f"/requests/{request_id}/feedback", json={"score": 0})
+        assert (refused.status_code, refused.get_json()["detail"], refused.get_json()["request_status"]) == (
+            409, f"Request {request_id} is {status}: it has no answer to rate.", status)
+    assert conn.execute("SELECT count(*) AS n FROM request_feedback").fetchone()["n"] == 0
+
+
 def test_an_expired_lease_is_reclaimed_and_a_spent_request_fails(conn):
     row = request_queue.enqueue(conn, request_id="5f0c7b7e-0000-4000-8000-000000000001",
                                 payload=dispatch_body(), task_type="question-answering", priority=100,

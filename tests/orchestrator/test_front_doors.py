@@ -375,6 +375,23 @@ def test_a_client_that_disconnects_mid_stream_releases_the_runtime(dispatcher, d
     assert [r["error_class"] for r in performance_rows(database, request_id)] == ["client_disconnected"]
 
 
+def test_a_stream_closed_before_any_of_it_is_read_releases_the_runtime(fresh_database_url, settings, database,
+                                                                     model):
+    app = create_app({"TESTING": True, "DATABASE_URL": fresh_database_url, "API_TOKEN": "",
+                      "RUNTIME_DRIVERS": ("external",), "RUNTIME_DIR": settings.runtime_dir,
+                      "RECONCILE_ON_START": False})
+    try:
+        request_id = new_id()
+        response = app.test_client().post("/v1/chat/completions", buffered=False, headers={"X-Request-ID": request_id},
+                                          json={"model": "auto", "messages": USER, "stream": True})
+        assert runtime_load(database, model) == [1]
+        response.close()    # as a server does when its client has gone before the first write
+    finally:
+        app.extensions["database"].close()
+    assert runtime_load(database, model) == [0]
+    assert queue_row(database, request_id)["error_details"]["error"] == "client_disconnected"
+
+
 # --- Ollama ----------------------------------------------------------------------------------
 
 def test_ollama_chat_without_streaming(dispatcher, database, model):
