@@ -253,8 +253,11 @@ def _launch(db: Database, driver: RuntimeDriver, model: dict, runtime: dict, all
     deadline = started + _start_timeout(model)
     try:
         launched = driver.start(runtime, model, allocation)
-    except DriverError as exc:
-        raise _start_failed(db, runtime, str(exc)) from exc
+    except Exception as exc:   # whatever it was, the row must not stay `starting`
+        failure = _start_failed(db, runtime, str(exc))
+        if isinstance(exc, DriverError):
+            raise failure from exc
+        raise
     with db.connection() as conn:
         row = queries.record_launch(conn, runtime["id"], endpoint=launched.endpoint, host=launched.host,
                                     port=launched.port, pid=launched.pid, container_id=launched.container_id,

@@ -5,10 +5,11 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from marshmallow import ValidationError
 
 from services.common.errors import Conflict, NotFound, Unprocessable
 from services.registry import queries
-from services.registry.schemas import runtime_config_errors
+from services.registry.schemas import load_runtime_config
 
 INVALID = "The request is invalid: see errors for each field."
 
@@ -41,9 +42,11 @@ def update_model(conn: psycopg.Connection, model_id: UUID, changes: dict[str, An
         raise NotFound(f"Model {model_id} does not exist.")
     if {"runtime_driver", "runtime_config"} & changes.keys():
         merged = {**model, **changes}
-        errors = runtime_config_errors(merged["runtime_driver"], merged["runtime_config"])
-        if errors:
-            raise Unprocessable(INVALID, errors={"json": {"runtime_config": errors}})
+        try:
+            changes = {**changes, "runtime_config": load_runtime_config(merged["runtime_driver"],
+                                                                       merged["runtime_config"])}
+        except ValidationError as error:
+            raise Unprocessable(INVALID, errors={"json": {"runtime_config": error.messages}}) from None
     return queries.update_model(conn, model_id, changes)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import string
 import uuid
+from urllib.parse import urlsplit
 
 from marshmallow import (RAISE, Schema, ValidationError, fields, missing, post_load, validate,
                          validates_schema)
@@ -43,7 +44,27 @@ def _model_ref(value: str) -> None:
 
 def _http_url(**kwargs) -> fields.URL:
     return fields.URL(schemes={"http", "https"}, require_tld=False,
-                      validate=validate.Length(max=2048), **kwargs)
+                      validate=[validate.Length(max=2048), _port_in_range], **kwargs)
+
+
+def _port_in_range(url: str) -> None:
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValidationError("The port must be from 1 to 65535.")
+
+
+class JsonDateTime(fields.AwareDateTime):
+    """An aware date and time inside a jsonb document: loaded and checked as one, kept and shown as
+    its ISO 8601 text (which is what the document holds, whoever wrote it)."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> str:
+        return super()._deserialize(value, attr, data, **kwargs).isoformat()
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return value if isinstance(value, str) else super()._serialize(value, attr, obj, **kwargs)
 
 
 def _tags(**kwargs) -> fields.List:
@@ -131,9 +152,10 @@ RUNTIME_CONFIG_SCHEMAS = {"process": ProcessConfigSchema, "docker": DockerConfig
                           "external": ExternalConfigSchema}
 
 
-def runtime_config_errors(driver: str, config: dict) -> dict:
-    """Field messages for a runtime_config the driver cannot use (empty when it is fine)."""
-    return RUNTIME_CONFIG_SCHEMAS[driver]().validate(config)
+def load_runtime_config(driver: str, config: dict) -> dict:
+    """The runtime_config as the driver reads it (`"pull": "false"` becomes false); ValidationError
+    with the field messages when the driver cannot use it."""
+    return RUNTIME_CONFIG_SCHEMAS[driver]().load(config)
 
 
 class PerformanceMetricsSchema(Schema):
@@ -154,7 +176,7 @@ class PerformanceMetricsSchema(Schema):
                                     validate=validate.Range(1, 10_000_000))
     # Written by the optimizer's re-ranking: its window, when, and the catalogue priors it kept.
     window_seconds = fields.Integer(strict=True, allow_none=True, validate=validate.Range(1, 2**31 - 1))
-    updated_at = fields.AwareDateTime(allow_none=True)
+    updated_at = JsonDateTime(allow_none=True)
     priors = fields.Dict(keys=fields.String(validate=validate.Length(1, 50)),
                          values=fields.Float(allow_none=True), validate=validate.Length(max=20))
 
@@ -196,12 +218,14 @@ class ModelSchema(Schema):
     created_at = fields.DateTime(dump_only=True)
     updated_at = fields.DateTime(dump_only=True)
 
-    @validates_schema
-    def _runtime_config_fits_driver(self, data: dict, **kwargs) -> None:
+    @post_load
+    def _runtime_config_fits_driver(self, data: dict, **kwargs) -> dict:
         if "runtime_driver" in data and isinstance(data.get("runtime_config"), dict):
-            errors = runtime_config_errors(data["runtime_driver"], data["runtime_config"])
-            if errors:
-                raise ValidationError(errors, "runtime_config")
+            try:
+                data["runtime_config"] = load_runtime_config(data["runtime_driver"], data["runtime_config"])
+            except ValidationError as error:
+                raise ValidationError(error.messages, "runtime_config") from None
+        return data
 
 
 class ModelPatchSchema(ModelSchema):

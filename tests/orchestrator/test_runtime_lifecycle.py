@@ -236,6 +236,16 @@ def test_health_marks_an_external_runtime_that_stops_answering_unhealthy_never_r
     assert (row["status"], row["health_status"], row["restart_count"]) == ("running", "unhealthy", 0)
 
 
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:99999", "ftp://127.0.0.1:9"])
+def test_an_endpoint_no_server_can_have_fails_the_start_and_leaves_no_runtime_starting(db, conn, settings,
+                                                                                       endpoint):
+    model = insert_model(conn, runtime_config={"endpoint": endpoint})   # written around the registry
+    with pytest.raises(RuntimeUnavailable, match="no usable http"):
+        lifecycle.ensure_runtime(db, model["id"], settings)
+    assert [row["status"] for row in conn.execute(
+        "SELECT status FROM container_lifecycle WHERE model_id = %s", (model["id"],))] == ["error"]
+
+
 def test_autoscale_adds_a_replica_when_the_queue_is_long(db, conn, model, settings):
     first = lifecycle.ensure_runtime(db, model["id"], settings)
     for _ in range(5):

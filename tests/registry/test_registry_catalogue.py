@@ -116,6 +116,8 @@ def test_every_field_is_validated(client, field, value, messages):
       "environment": {"BAD NAME": {"key": ["String does not match expected pattern."]},
                       "OK": {"value": ["Unbalanced braces; write {{ or }} for a literal brace."]}}}),
     ("external", {"endpoint": "file:///etc/passwd"}, {"endpoint": ["Not a valid URL."]}),
+    ("external", {"endpoint": "http://127.0.0.1:99999"}, {"endpoint": ["The port must be from 1 to 65535."]}),
+    ("external", {"endpoint": "http://127.0.0.1:0/v1"}, {"endpoint": ["The port must be from 1 to 65535."]}),
     ("external", {}, {"endpoint": ["Missing data for required field."]}),
 ])
 def test_runtime_config_is_validated_for_its_driver(client, driver, config, messages):
@@ -135,6 +137,29 @@ def test_runtime_config_is_validated_for_its_driver(client, driver, config, mess
 ])
 def test_each_driver_accepts_what_it_needs(client, driver, config):
     assert created(client, runtime_driver=driver, runtime_config=config)["runtime_config"] == config
+
+
+def test_the_time_of_a_re_ranking_in_the_metrics_is_kept_as_its_text(client, conn):
+    """The optimizer writes it as ISO text into the jsonb, as a caller's is stored."""
+    model = created(client, performance_metrics={"updated_at": "2026-01-02T03:04:05+01:00"})
+    assert model["performance_metrics"] == {"updated_at": "2026-01-02T03:04:05+01:00"}
+    conn.execute("UPDATE model_registry SET performance_metrics = performance_metrics"
+                 " || jsonb_build_object('updated_at', now()::text) WHERE id = %s", (model["id"],))
+    shown = client.get(f"/models/{model['id']}")
+    assert shown.status_code == 200 and isinstance(shown.get_json()["performance_metrics"]["updated_at"], str)
+    assert client.get("/models").status_code == 200
+    refused = client.post("/models", json=model_body(name="naive", performance_metrics={"updated_at": "2026-01-02"}))
+    assert refused.status_code == 422
+
+
+def test_runtime_config_is_stored_as_its_driver_reads_it(client):
+    sent = {"image": "ollama/ollama", "model_name": "x:1", "pull": "false", "start_timeout_s": "10"}
+    model = created(client, runtime_driver="docker", runtime_config=sent)
+    read = {"image": "ollama/ollama", "model_name": "x:1", "pull": False, "start_timeout_s": 10.0}
+    assert model["runtime_config"] == read
+    assert client.get(f"/models/{model['id']}").get_json()["runtime_config"] == read
+    patched = client.patch(f"/models/{model['id']}", json={"runtime_config": {**sent, "pull": "true"}})
+    assert patched.get_json()["runtime_config"] == {**read, "pull": True}
 
 
 def test_missing_required_fields_are_named(client):

@@ -15,11 +15,14 @@ class ExternalDriver:
     def start(self, runtime: dict, model: dict, allocation: Allocation) -> Launched:
         endpoint = str(model["runtime_config"].get("endpoint") or "").rstrip("/")
         parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:   # out of range
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
             raise RuntimeStartError(
                 f"model {model['name']}:{model['version']} uses the external driver but its "
-                f"runtime_config has no http(s) 'endpoint' (got {endpoint!r})")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+                f"runtime_config has no usable http(s) 'endpoint' (got {endpoint!r})")
         return Launched(endpoint=endpoint, host=parts.hostname, port=port)
 
     def is_running(self, runtime: dict) -> bool:
