@@ -241,6 +241,11 @@ def get_rule(conn: psycopg.Connection, rule_id: str, *, lock: bool = False) -> d
     return conn.execute(query, {"id": rule_id}).fetchone()
 
 
+def lock_rule(conn: psycopg.Connection, rule_id: str) -> None:
+    """Wait for and take the rule's row lock, until the transaction ends."""
+    conn.execute("SELECT id FROM optimization_rules WHERE id = %(id)s FOR UPDATE", {"id": rule_id})
+
+
 def active_rule_ids(conn: psycopg.Connection) -> list[str]:
     """Ids of the active rules in evaluation order."""
     found = conn.execute(

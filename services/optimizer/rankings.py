@@ -54,7 +54,8 @@ def update_rankings(conn: psycopg.Connection, window_seconds: int) -> dict:
 def ranked_metrics(row: dict, window_seconds: int) -> dict:
     """The performance_metrics keys re-ranking writes for one model's measured row."""
     current = row["performance_metrics"]
-    priors = current.get("priors") or {
+    # Kept by the first re-ranking, even when empty: the figures beside them are its own output since.
+    priors = current["priors"] if isinstance(current.get("priors"), dict) else {
         key: current[key] for key in PRIOR_KEYS
         if isinstance(current.get(key), (int, float)) and not isinstance(current.get(key), bool)}
 

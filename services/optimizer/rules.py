@@ -49,7 +49,9 @@ def create_rule(conn: psycopg.Connection, rule: dict) -> dict:
 
 
 def update_rule(conn: psycopg.Connection, rule_id: str, patch: dict) -> dict:
-    """Apply a partial update, validating the merged rule as a whole."""
+    """Apply a partial update, validating the merged rule as a whole; concurrent updates of a rule
+    take turns (each merges into what the one before wrote)."""
+    queries.lock_rule(conn, rule_id)
     current = get_rule(conn, rule_id)
     merged = {key: current[key] for key in (*queries.RULE_COLUMNS, "conditions")}
     if patch.get("scope") == "all" and "scope_value" not in patch:

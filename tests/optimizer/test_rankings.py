@@ -62,6 +62,17 @@ def test_few_samples_stay_near_the_prior_and_updates_do_not_drift(conn, models, 
         k: v for k, v in first.items() if k != "updated_at"}
 
 
+def test_updates_do_not_drift_for_a_model_that_had_no_priors(conn, models, log):
+    smol = models["smollm2:135m-instruct-q4_1"]["id"]
+    conn.execute("UPDATE model_registry SET performance_metrics = '{}' WHERE id = %s", (smol,))
+    log(smol, n=5, success=False, error_class="timeout")
+    log(smol, n=5)
+    runs = [update_rankings(conn, 3600)["updated"][0]["performance_metrics"] for _ in range(3)]
+    assert runs[0]["priors"] == {}
+    assert len({tuple(sorted((k, v) for k, v in run.items() if k not in ("updated_at", "priors")))
+                for run in runs}) == 1
+
+
 def test_feedback_scores_count(conn, models, log):
     gemma = models["gemma3:270m-q4_k_m"]["id"]
     log(gemma, n=10, processing_time_ms=900)

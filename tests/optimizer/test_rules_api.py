@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
+
+from services.common.db import connect
+from services.optimizer import rules
+from services.optimizer.schemas import RuleSchema
 
 from .helpers import problem
 
@@ -113,6 +118,22 @@ def test_patch_merges_and_replaces_conditions(client):
         7, "summarization", [{"metric": "idle_seconds", "aggregate": "current", "operator": ">", "threshold": 60.0}])
     # Scope all clears the scope value.
     assert client.patch(f"/rules/{rule['id']}", json={"scope": "all"}).json["scope_value"] is None
+
+
+def test_concurrent_patches_of_a_rule_take_turns_and_both_land(fresh_database_url):
+    with connect(fresh_database_url) as first, connect(fresh_database_url) as second:
+        rule = rules.create_rule(first, RuleSchema().load(_rule()))
+        first.commit()
+        rules.update_rule(first, rule["id"], {"priority": 7})   # its transaction still open
+        other = threading.Thread(target=lambda: (rules.update_rule(second, rule["id"], {"cooldown_seconds": 11}),
+                                                 second.commit()))
+        other.start()
+        other.join(0.3)
+        assert other.is_alive()   # waiting for the first to end
+        first.commit()
+        other.join(10)
+        final = rules.get_rule(first, rule["id"])
+    assert (final["priority"], final["cooldown_seconds"]) == (7, 11)
 
 
 def test_patch_validates_the_merged_rule(client):
