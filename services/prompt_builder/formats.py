@@ -62,7 +62,7 @@ def json_schema_problem(schema: Any) -> str | None:
         return f"json_schema is not a valid JSON Schema (Draft 2020-12): {error.message}"
     except RecursionError:
         return "json_schema is nested too deeply."
-    return _unusable_pattern(schema, ()) or _unresolvable_ref(schema)
+    return _unusable_pattern(schema, ()) or _reference_problem(schema)
 
 
 # Keywords whose values are data, not schemas: a "pattern" inside them is not a regex.
@@ -101,10 +101,17 @@ def _unusable_pattern(node: Any, path: tuple) -> str | None:
     return None
 
 
-def _unresolvable_ref(schema: dict) -> str | None:
-    """The first `$ref` that leads nowhere: found here, not once a model has answered (validating the
-    answer would fail then), and only within the document (no remote schema is ever fetched)."""
+# Keywords applying their schemas to the same place of the answer as the schema holding them.
+_IN_PLACE_LISTS = ("allOf", "anyOf", "oneOf")
+_IN_PLACE_ONE = ("not", "if", "then", "else")
+
+
+def _reference_problem(schema: dict) -> str | None:
+    """A `$ref` or `$dynamicRef` that leads nowhere, or references in a loop that applies a schema to
+    the same place again and again: found here, not once a model has answered (validating the
+    answer would fail then). Only within the document: no remote schema is ever fetched."""
     root = DRAFT202012.create_resource(schema)
+    in_place: dict[int, list[dict]] = {}   # schema -> the schemas it applies to the same place
     pending = [(schema, META_SCHEMAS.with_resource(root.id() or "", root).resolver(root.id() or ""))]
     while pending:   # a loop, not recursion: the schema may be nested deep
         node, resolver = pending.pop()
@@ -115,13 +122,44 @@ def _unresolvable_ref(schema: dict) -> str | None:
             continue
         if node is not schema and isinstance(node.get("$id"), str):   # a base URI of its own
             resolver = resolver.in_subresource(DRAFT202012.create_resource(node))
-        if isinstance(node.get("$ref"), str):
-            try:
-                resolver.lookup(node["$ref"])
-            except Unresolvable:
-                return f"json_schema has a $ref that leads nowhere: {node['$ref']!r}."
+        applied = in_place.setdefault(id(node), [])
+        for keyword in ("$ref", "$dynamicRef"):
+            if isinstance(node.get(keyword), str):
+                try:
+                    applied.append(resolver.lookup(node[keyword]).contents)
+                except Unresolvable:
+                    return f"json_schema has a {keyword} that leads nowhere: {node[keyword]!r}."
+        applied += [item for key in _IN_PLACE_LISTS if isinstance(node.get(key), list) for item in node[key]]
+        applied += [node[key] for key in _IN_PLACE_ONE if key in node]
         pending.extend((value, resolver) for key, value in node.items() if key not in _DATA_KEYWORDS)
+    if _loops(in_place):
+        return "json_schema has references in a loop: a schema applies itself to the same place, without end."
     return None
+
+
+def _loops(in_place: dict[int, list[dict]]) -> bool:
+    """Whether the graph of schemas applied in place has a cycle (depth-first, without recursion)."""
+    state: dict[int, str] = {}
+    for start in in_place:
+        if start in state:
+            continue
+        state[start], stack = "open", [iter(in_place[start])]
+        path = [start]
+        while stack:
+            child = next(stack[-1], None)
+            if child is None:
+                state[path.pop()] = "done"
+                stack.pop()
+                continue
+            if not isinstance(child, dict) or id(child) not in in_place:   # true/false, or a meta-schema
+                continue
+            if state.get(id(child)) == "open":
+                return True
+            if id(child) not in state:
+                state[id(child)] = "open"
+                path.append(id(child))
+                stack.append(iter(in_place[id(child)]))
+    return False
 
 
 def check_format(output_format: str, json_schema: dict | None) -> None:

@@ -165,6 +165,25 @@ def test_an_unresolvable_reference_is_a_request_error():
     assert json_schema_problem({"properties": {"a": {"anyOf": [{"$ref": "#/x"}]}}}) == (
         "json_schema has a $ref that leads nowhere: '#/x'.")
     assert json_schema_problem({"const": {"$ref": "#/x"}}) is None
+    assert json_schema_problem({"$dynamicRef": "#x"}) == "json_schema has a $dynamicRef that leads nowhere: '#x'."
+
+
+LOOP = "json_schema has references in a loop: a schema applies itself to the same place, without end."
+
+
+@pytest.mark.parametrize("schema, problem", [
+    ({"$ref": "#"}, LOOP),
+    ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}, LOOP),
+    ({"allOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"anyOf": [{"not": {"$ref": "#"}}]}}}, LOOP),
+    # Recursion through the answer's own structure ends with it: a tree.
+    ({"$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+      "$ref": "#/$defs/node"}, None),
+    ({"$dynamicAnchor": "meta", "type": "object", "properties": {"x": {"$dynamicRef": "#meta"}}}, None),
+])
+def test_references_in_a_loop_are_found_before_any_answer_is_checked(schema, problem):
+    assert json_schema_problem(schema) == problem
+    if problem is None:
+        assert parse_output('{"kids": [{"kids": []}], "x": {}}', "json", schema).valid
     assert json_schema_problem({"$id": "https://example.com/root", "$defs": {
         "sub": {"$id": "sub", "$anchor": "here", "type": "integer", "properties": {"x": {"$ref": "#here"}}}},
         "properties": {"a": {"$ref": "sub"}, "b": {"$ref": "https://example.com/sub#here"}}}) is None
