@@ -19,9 +19,9 @@ from flask_smorest.utils import prepare_response
 from webargs import missing
 from webargs.flaskparser import FlaskParser, is_json_request
 
-from services.common import errors, fast_json
+from services.common import errors
 from services.common.config import Settings
-from services.common.db import NUL_ESCAPE_BYTES, PooledDatabase, get_db
+from services.common.db import NUL_ESCAPE_BYTES, PooledDatabase, get_db, unpaired_surrogate_escape
 from services.common.json_provider import OrjsonProvider
 from services.common.logs import configure_logging
 from services.common.metrics import install_request_metrics, metrics_response
@@ -31,9 +31,6 @@ logger = logging.getLogger(__name__)
 PUBLIC_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "health.metrics"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# Where JSON text may hold a surrogate: an escaped one, or its UTF-8 form (which json reads).
-_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ServiceFlask(Flask):
@@ -73,14 +70,14 @@ class ProblemApi(Api):
 
 
 class JsonBodyParser(FlaskParser):
-    """webargs' parser reading bodies as the app reads JSON (fast_json); JSON nested deeper than
-    Python can read is refused as unreadable (400), not raised as a RecursionError (500)."""
+    """webargs' parser (bodies are UTF-8 JSON), but JSON nested deeper than Python can read is
+    refused as unreadable (400), not raised as a RecursionError (500)."""
 
     def _raw_load_json(self, req) -> Any:
         if not is_json_request(req):
             return missing
         try:
-            return fast_json.loads(req.get_data(cache=True))
+            return json.loads(req.get_data(cache=True).decode())
         except RecursionError:
             raise json.JSONDecodeError("nested too deeply", "<body>", 0) from None
 
@@ -212,33 +209,10 @@ def _refuse_unstorable_text() -> Response | None:
     if in_body or "\x00" in request.path or any("\x00" in value for value in request.args.values()):
         return errors.problem_response(
             422, "Strings cannot contain the character U+0000: the database cannot store it.")
-    if _SURROGATE_HINT.search(body) and _holds_surrogate(_readable_json(body)):
+    if unpaired_surrogate_escape(body):   # in raw UTF-8, one is invalid UTF-8: the parser's 400
         return errors.problem_response(
             422, "Strings cannot contain unpaired surrogates (\\ud800 to \\udfff): they are not Unicode text.")
     return None
-
-
-def _readable_json(body: bytes) -> Any:
-    """The body's JSON; None when it does not parse (the view's parser says why)."""
-    try:
-        return fast_json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _holds_surrogate(value: Any) -> bool:
-    pending = [value]   # a loop, not recursion: the JSON may be nested as deep as json reads
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if _SURROGATE.search(item):
-                return True
-        elif isinstance(item, dict):
-            pending.extend(item)
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return False
 
 
 def after_response(job: Callable[[], None]) -> None:

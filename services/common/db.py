@@ -19,8 +19,16 @@ from services.common import fast_json
 
 # An escaped U+0000 in JSON text: preceded by an even number of backslashes (escaped ones).
 NUL_ESCAPE_BYTES = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
-# A surrogate escape as json.dumps writes them, and a pair of them whole (the character they make).
-_SURROGATE_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)(\\ud[89ab][0-9a-f]{2}\\ud[c-f][0-9a-f]{2}|\\ud[89a-f][0-9a-f]{2})")
+# An escaped surrogate in JSON text, or a pair of them whole (the one character they make): group 2
+# is 6 bytes long for an unpaired one.
+SURROGATE_ESCAPE_BYTES = re.compile(
+    rb"(?<!\\)((?:\\\\)*)(\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def unpaired_surrogate_escape(text: bytes) -> bool:
+    """Whether JSON text escapes a surrogate outside a pair (valid JSON; not Unicode text)."""
+    return (b"\\ud" in text or b"\\uD" in text) and any(
+        len(match[2]) == 6 for match in SURROGATE_ESCAPE_BYTES.finditer(text))
 
 
 def jsonb_dumps(value) -> bytes:
@@ -31,7 +39,7 @@ def jsonb_dumps(value) -> bytes:
     if b"\\u0000" in text:
         text = NUL_ESCAPE_BYTES.sub(rb"\1\\ufffd", text)
     if b"\\ud" in text:   # only json.dumps writes these: orjson refused the value
-        text = _SURROGATE_ESCAPE.sub(_unpaired_replaced, text)
+        text = SURROGATE_ESCAPE_BYTES.sub(_unpaired_replaced, text)
     return text
 
 

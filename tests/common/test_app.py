@@ -136,7 +136,9 @@ def test_a_nul_character_in_a_body_is_a_422(client, body, status):
     ('{"name": "a\\ud800"}', 422),             # an unpaired high surrogate
     ('{"name": "a\\udfff"}', 422),             # an unpaired low one
     ('{"x": {"\\udc00": 1}, "name": "a"}', 422),  # in a key, nested
-    (b'{"name": "a\xed\xa0\x80"}', 422),      # in its UTF-8 form, which the standard library reads
+    (b'{"name": "a\xed\xa0\x80"}', 400),      # in its UTF-8 form: not UTF-8 at all
+    ('{"name": "a\\ud800"}'.encode("utf-16"), 400),    # bodies are UTF-8 (json reads UTF-16 too)
+    ('{"name": "a\\u0000"}'.encode("utf-16-le"), 400),
     ('{"name": "\\ud83d\\ude00"}', 201),      # a pair: one character
     ('{"name": "\\\\ud800"}', 201),          # a backslash, then "ud800": plain text
     ('{"name": "\ud55c\uad6d"}', 201),         # Hangul, whose UTF-8 starts as a surrogate's does
