@@ -365,19 +365,25 @@ def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = N
         unflushed = True
     if holder is not None:
         # The lease owner too: after a reclaim, the request may hold this runtime for another worker.
-        sets, condition = "holds_runtime = false", ""
-        if result is not None:
-            sets += """, status = 'completed', result = %(result)s, completed_at = now(),
-                       lease_expires_at = NULL, callback_headers = NULL"""
-            condition = "AND status = 'processing'"
+        holding = "id = %(request_id)s AND lease_owner = %(owner)s AND holds_runtime AND assigned_runtime_id = %(id)s"
+        if result is None:
+            steps.append(f"freed AS (UPDATE request_queue SET holds_runtime = false WHERE {holding} RETURNING id)")
+            drop = "(SELECT count(*) FROM freed)"
+        else:
+            # The answer completes the request while its lease is held, even if its hold was dropped (the
+            # runtime restarted meanwhile); only a hold still there is taken off the count. `held`
+            # locks the row before `freed` changes it (`freed` waits for it), so it reads the hold as it was.
+            steps.append(f"held AS (SELECT id FROM request_queue WHERE {holding} FOR UPDATE)")
+            steps.append("""freed AS (UPDATE request_queue
+                                      SET holds_runtime = false, status = 'completed', result = %(result)s,
+                                          completed_at = now(), lease_expires_at = NULL, callback_headers = NULL
+                                      WHERE id = %(request_id)s AND lease_owner = %(owner)s
+                                        AND assigned_runtime_id = %(id)s AND status = 'processing'
+                                        AND (SELECT count(*) FROM held) >= 0
+                                      RETURNING id)""")
             params["result"] = Jsonb(result)
-            completed = "EXISTS (SELECT 1 FROM freed)"
-        steps.append(f"""freed AS (UPDATE request_queue SET {sets}
-                                   WHERE id = %(request_id)s AND lease_owner = %(owner)s AND holds_runtime
-                                     AND assigned_runtime_id = %(id)s {condition}
-                                   RETURNING id)""")
+            drop, completed = "(SELECT count(*) FROM held)", "EXISTS (SELECT 1 FROM freed)"
         params.update(request_id=holder.request_id, owner=holder.owner)
-        drop = "(SELECT count(*) FROM freed)"
     if performance is not None:
         steps.append(f"logged AS ({INSERT_PERFORMANCE})")
         params["rows"] = performance_rows([performance])

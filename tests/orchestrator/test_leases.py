@@ -176,7 +176,8 @@ def test_a_request_reclaimed_after_its_attempt_released_the_runtime_gives_nothin
     assert busy(conn, runtime["id"]) == 1
 
 
-def test_a_release_from_before_a_restart_leaves_the_new_runs_count_alone(conn):
+@pytest.mark.parametrize("answer", [None, {"response": "late, but an answer"}])
+def test_a_release_from_before_a_restart_leaves_the_new_runs_count_alone(conn, answer):
     runtime, old = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000407")
     queries.acquire(conn, runtime["id"], old)
     queries.mark_error(conn, runtime["id"], "the health check failed")
@@ -186,9 +187,10 @@ def test_a_release_from_before_a_restart_leaves_the_new_runs_count_alone(conn):
     _, new = runtime_and_request(conn, "5f0c7b7e-0000-4000-8000-000000000408")
     queries.acquire(conn, runtime["id"], new)
 
-    queries.release(conn, runtime["id"], old)   # the old attempt's call timed out at last
+    released = queries.release(conn, runtime["id"], old, result=answer)   # the old attempt's call ends at last
 
     assert busy(conn, runtime["id"]) == 1
+    assert released["completed"] is (answer is not None)   # an answer that came is recorded all the same
     queries.release(conn, runtime["id"], new)
     assert busy(conn, runtime["id"]) == 0
 
