@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,20 @@ def json_schema_problem(schema: Any) -> str | None:
 
 # Keywords whose values are data, not schemas: a "pattern" inside them is not a regex.
 _DATA_KEYWORDS = frozenset({"const", "enum", "examples", "default"})
+# Keywords whose values map names to schemas: a name there is no keyword, "default" included.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def _below(node: dict) -> Iterator[tuple[tuple, Any]]:
+    """The values to look into below a schema object, each with its path: all but data, and the
+    schemas of a map of schemas one level further down."""
+    for key, value in node.items():
+        if key in _DATA_KEYWORDS:
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            yield from (((key, name), schema) for name, schema in value.items())
+        else:
+            yield (key,), value
 
 
 def _patterns_of(node: dict) -> list[tuple[str, str]]:
@@ -84,18 +99,18 @@ def _unusable_pattern(node: Any, path: tuple) -> str | None:
     other place of the document, so every `pattern` and `patternProperties` key is checked.
     """
     if isinstance(node, list):
-        items = enumerate(node)
+        items = (((index,), item) for index, item in enumerate(node))
     elif isinstance(node, dict):
         for keyword, pattern in _patterns_of(node):
             try:
                 compile_pattern(pattern)
             except UnsupportedPattern as error:
                 return _pattern_problem(error, _json_pointer((*path, keyword)))
-        items = ((key, value) for key, value in node.items() if key not in _DATA_KEYWORDS)
+        items = _below(node)
     else:
         return None
-    for key, value in items:
-        problem = _unusable_pattern(value, (*path, key))
+    for keys, value in items:
+        problem = _unusable_pattern(value, (*path, *keys))
         if problem:
             return problem
     return None
@@ -131,7 +146,9 @@ def _reference_problem(schema: dict) -> str | None:
                     return f"json_schema has a {keyword} that leads nowhere: {node[keyword]!r}."
         applied += [item for key in _IN_PLACE_LISTS if isinstance(node.get(key), list) for item in node[key]]
         applied += [node[key] for key in _IN_PLACE_ONE if key in node]
-        pending.extend((value, resolver) for key, value in node.items() if key not in _DATA_KEYWORDS)
+        if isinstance(node.get("dependentSchemas"), dict):
+            applied += node["dependentSchemas"].values()
+        pending.extend((value, resolver) for _, value in _below(node))
     if _loops(in_place):
         return "json_schema has references in a loop: a schema applies itself to the same place, without end."
     return None

@@ -166,6 +166,15 @@ def test_an_unresolvable_reference_is_a_request_error():
         "json_schema has a $ref that leads nowhere: '#/x'.")
     assert json_schema_problem({"const": {"$ref": "#/x"}}) is None
     assert json_schema_problem({"$dynamicRef": "#x"}) == "json_schema has a $dynamicRef that leads nowhere: '#x'."
+    # Named like data keywords, properties and definitions are schemas all the same.
+    assert json_schema_problem({"properties": {"default": {"$ref": "#/nowhere"}}}) == (
+        "json_schema has a $ref that leads nowhere: '#/nowhere'.")
+    assert json_schema_problem({"$ref": "#/$defs/const", "$defs": {"const": {"$ref": "#/x"}}}) == (
+        "json_schema has a $ref that leads nowhere: '#/x'.")
+    # References resolve against the base URI of the schema resource they sit in.
+    assert json_schema_problem({"$id": "https://example.com/root", "$defs": {
+        "sub": {"$id": "sub", "$anchor": "here", "type": "integer", "properties": {"x": {"$ref": "#here"}}}},
+        "properties": {"a": {"$ref": "sub"}, "b": {"$ref": "https://example.com/sub#here"}}}) is None
 
 
 LOOP = "json_schema has references in a loop: a schema applies itself to the same place, without end."
@@ -175,6 +184,8 @@ LOOP = "json_schema has references in a loop: a schema applies itself to the sam
     ({"$ref": "#"}, LOOP),
     ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}, LOOP),
     ({"allOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"anyOf": [{"not": {"$ref": "#"}}]}}}, LOOP),
+    ({"$ref": "#/$defs/enum", "$defs": {"enum": {"$ref": "#"}}}, LOOP),
+    ({"dependentSchemas": {"kids": {"$ref": "#"}}}, LOOP),
     # Recursion through the answer's own structure ends with it: a tree.
     ({"$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
       "$ref": "#/$defs/node"}, None),
@@ -184,9 +195,6 @@ def test_references_in_a_loop_are_found_before_any_answer_is_checked(schema, pro
     assert json_schema_problem(schema) == problem
     if problem is None:
         assert parse_output('{"kids": [{"kids": []}], "x": {}}', "json", schema).valid
-    assert json_schema_problem({"$id": "https://example.com/root", "$defs": {
-        "sub": {"$id": "sub", "$anchor": "here", "type": "integer", "properties": {"x": {"$ref": "#here"}}}},
-        "properties": {"a": {"$ref": "sub"}, "b": {"$ref": "https://example.com/sub#here"}}}) is None
 
 
 def test_a_remote_reference_is_never_fetched():
