@@ -107,7 +107,7 @@ def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: H
             row = queries.release(conn, runtime_id, holder)
             if row is not None and result is not None and holder is not None:
                 failure = {"error": "unrecordable_answer",
-                           "detail": f"The answer could not be recorded: {str(error).splitlines()[0]}"}
+                           "detail": f"The answer could not be recorded: {_first_line(error)}"}
                 if request_queue.fail(conn, holder.request_id, owner=holder.owner, error_details=failure):
                     row["failure"] = failure
     if row and row["keep_alive_seconds"] == 0 and row["active_requests"] == 0 and row["status"] == "running":
@@ -590,6 +590,10 @@ def _finish_stop(db: Database, row: dict, settings: Settings) -> dict:
     with db.connection() as conn:
         stopped = queries.mark_stopped(conn, row["id"])
         return stopped or queries.get_runtime(conn, row["id"]) or row
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _stop_quietly(driver: RuntimeDriver, runtime: dict) -> None:

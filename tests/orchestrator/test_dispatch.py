@@ -233,13 +233,16 @@ def test_an_answer_with_a_nul_is_recorded_with_a_replacement_character(client, c
     assert busy_counts(conn, model) == [0]
 
 
-def test_an_answer_that_cannot_be_recorded_still_frees_its_runtime(client, conn, fake_server, monkeypatch):
+@pytest.mark.parametrize("error, said", [(psycopg.errors.DataError("refused\nDETAIL: x"), "refused"),
+                                         (psycopg.errors.DataError(), "DataError")])
+def test_an_answer_that_cannot_be_recorded_still_frees_its_runtime(client, conn, fake_server, monkeypatch,
+                                                                   error, said):
     model = served_by(conn, fake_server)
     release = queries.release
 
     def refusing(conn, runtime_id, holder=None, performance=None, result=None):
         if result is not None:
-            raise psycopg.errors.DataError("refused")
+            raise error
         return release(conn, runtime_id, holder, performance, result)
 
     monkeypatch.setattr(queries, "release", refusing)
@@ -248,7 +251,7 @@ def test_an_answer_that_cannot_be_recorded_still_frees_its_runtime(client, conn,
     assert response.status_code == 200     # the caller has its answer; its record says it failed
     row = queue_row(conn, response.get_json()["request_id"])
     assert (row["status"], row["error_details"]) == ("failed", {
-        "error": "unrecordable_answer", "detail": "The answer could not be recorded: refused"})
+        "error": "unrecordable_answer", "detail": f"The answer could not be recorded: {said}"})
     assert busy_counts(conn, model) == [0]
 
 
