@@ -189,7 +189,7 @@ def _run_request(db: Database, settings: Settings, row: dict, holder: Holder, *,
             recorded = request_queue.fail(conn, request_id, owner=owner, error_details=details,
                                           admission=holder.admission)
         if recorded:
-            _call_back(row, {"request_id": request_id, "status": "failed", "error": details})
+            call_back(row, {"request_id": request_id, "status": "failed", "error": details})
         if raise_problem or not isinstance(error, Problem):
             raise
         return None
@@ -206,9 +206,9 @@ def _recorded_answer(row: dict, outcome: Outcome) -> None:
         record, outcome.record = outcome.record, None
         outcome.released(record())
     if outcome.recorded:
-        _call_back(row, outcome.result)
+        call_back(row, outcome.result)
     elif outcome.failure is not None:
-        _call_back(row, {"request_id": str(row["id"]), "status": "failed", "error": outcome.failure})
+        call_back(row, {"request_id": str(row["id"]), "status": "failed", "error": outcome.failure})
     else:
         logger.warning("lease lost before completion; result dropped", extra={"dispatch_id": str(row["id"])})
 
@@ -275,7 +275,7 @@ def _error_details(error: Exception) -> dict:
     return {"status": 500, "detail": "An unexpected error occurred; it has been logged."}
 
 
-def _call_back(row: dict, body: dict) -> None:
+def call_back(row: dict, body: dict) -> None:
     """POST the outcome to the request's callback URL (e.g. an n8n Wait node's resume URL).
 
     With the request's `callback_headers` (secrets: they never reach a log line). Redirects are

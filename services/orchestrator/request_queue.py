@@ -250,10 +250,13 @@ def get(conn: psycopg.Connection, request_id) -> dict | None:
 def reclaim_expired(conn: psycopg.Connection, *, max_attempts: int) -> list[dict]:
     """Take back requests whose worker is gone: retry async ones, fail sync ones and spent ones.
 
-    A request that died holding a runtime gives the runtime's busy count back.
+    A request that died holding a runtime gives the runtime's busy count back. Each row comes with
+    its callback (`callback_url`, `callback_headers`, the secrets the row itself drops when it
+    fails): a request ended here is to be called back by the caller.
     """
     return conn.execute(
-        "WITH expired AS (SELECT id, holds_runtime, assigned_runtime_id FROM request_queue"
+        "WITH expired AS (SELECT id, holds_runtime, assigned_runtime_id, callback_url, callback_headers"
+        "                 FROM request_queue"
         "                 WHERE status = 'processing' AND lease_expires_at < now() FOR UPDATE SKIP LOCKED),"
         " held AS (SELECT assigned_runtime_id AS runtime_id, count(*) AS requests FROM expired"
         "          WHERE holds_runtime GROUP BY assigned_runtime_id),"
@@ -267,10 +270,10 @@ def reclaim_expired(conn: psycopg.Connection, *, max_attempts: int) -> list[dict
         "        'detail', 'The worker running this request stopped before finishing it.',"
         "        'attempts', attempts) END,"
         " completed_at = CASE WHEN mode = 'async' AND attempts < %(max)s THEN NULL ELSE now() END,"
-        " callback_headers = CASE WHEN mode = 'async' AND attempts < %(max)s THEN callback_headers END,"
+        " callback_headers = CASE WHEN mode = 'async' AND attempts < %(max)s THEN e.callback_headers END,"
         " lease_owner = NULL, lease_expires_at = NULL, holds_runtime = false"
-        " WHERE id IN (SELECT id FROM expired)"
-        " RETURNING id, mode, status, attempts",
+        " FROM expired e WHERE request_queue.id = e.id"
+        " RETURNING request_queue.id, mode, status, attempts, error_details, e.callback_url, e.callback_headers",
         {"max": max_attempts},
     ).fetchall()
 

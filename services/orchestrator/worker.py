@@ -22,7 +22,7 @@ from services.common.config import Settings, env_int
 from services.common.db import Database, PooledDatabase
 from services.common.logs import configure_logging
 from services.orchestrator import request_queue
-from services.orchestrator.pipeline import run_queued_request
+from services.orchestrator.pipeline import call_back, run_queued_request
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +136,23 @@ class WorkerPool:
     def _reclaim(self) -> None:
         while not self.stopping.wait(self.settings.queue_reclaim_interval_s):
             try:
-                with self.db.connection() as conn:
-                    reclaimed = request_queue.reclaim_expired(conn, max_attempts=MAX_ATTEMPTS)
-                if reclaimed:
-                    logger.warning("reclaimed requests of lost workers", extra={"requests": len(reclaimed)})
-                    self.wakeups.release(len(reclaimed))
+                self.reclaim_once()
             except psycopg.Error:
                 logger.exception("reclaim failed; retrying")
+
+    def reclaim_once(self) -> list[dict]:
+        """Take back the requests of lost workers: wake workers for those pending again, and call
+        back those that end here (no worker will)."""
+        with self.db.connection() as conn:
+            reclaimed = request_queue.reclaim_expired(conn, max_attempts=MAX_ATTEMPTS)
+        if reclaimed:
+            logger.warning("reclaimed requests of lost workers", extra={"requests": len(reclaimed)})
+        if pending := sum(row["status"] == "pending" for row in reclaimed):
+            self.wakeups.release(pending)
+        for row in reclaimed:
+            if row["status"] == "failed":
+                call_back(row, {"request_id": str(row["id"]), "status": "failed", "error": row["error_details"]})
+        return reclaimed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import pytest
 from fake_model_server import FakeModelServer
 from orchestrator_helpers import insert_model
 from services.orchestrator import create_app, request_queue
-from services.orchestrator.pipeline import _call_back
+from services.orchestrator.pipeline import call_back
 from services.orchestrator.worker import WorkerPool
 
 SECRET = "Bearer s3cret-resume-token"
@@ -80,14 +80,14 @@ def secrets_in_logs(records: list[logging.LogRecord]) -> list[str]:
 def test_a_callback_is_repeated_until_the_receiver_is_waiting(receiver):
     body = {"request_id": "r1", "status": "completed"}
 
-    _call_back({"id": "r1", "callback_url": receiver.url}, body)
+    call_back({"id": "r1", "callback_url": receiver.url}, body)
 
     assert receiver.bodies == [body, body, body]
 
 
 @pytest.mark.parametrize("receiver", [[404]], indirect=True)
 def test_a_callback_the_receiver_does_not_know_is_not_repeated(receiver, caplog):
-    _call_back({"id": "r1", "callback_url": receiver.url}, {"status": "completed"})
+    call_back({"id": "r1", "callback_url": receiver.url}, {"status": "completed"})
 
     assert receiver.bodies == [{"status": "completed"}]
     assert [r.message for r in caplog.records] == ["callback failed"]
@@ -95,7 +95,7 @@ def test_a_callback_the_receiver_does_not_know_is_not_repeated(receiver, caplog)
 
 @pytest.mark.parametrize("receiver", [[409, 503]], indirect=True)
 def test_the_callback_headers_go_with_the_callback_and_each_retry(receiver):
-    _call_back({"id": "r1", "callback_url": receiver.url, "callback_headers": HEADERS}, {"status": "completed"})
+    call_back({"id": "r1", "callback_url": receiver.url, "callback_headers": HEADERS}, {"status": "completed"})
 
     assert len(receiver.headers) == 3
     for sent in receiver.headers:
@@ -106,7 +106,7 @@ def test_the_callback_headers_go_with_the_callback_and_each_retry(receiver):
 def test_a_failed_callback_logs_no_header_value(receiver, caplog):
     caplog.set_level(logging.DEBUG)
 
-    _call_back({"id": "r1", "callback_url": receiver.url, "callback_headers": HEADERS}, {"status": "completed"})
+    call_back({"id": "r1", "callback_url": receiver.url, "callback_headers": HEADERS}, {"status": "completed"})
 
     assert [r.message for r in caplog.records if r.name == "services.orchestrator.pipeline"] == ["callback failed"]
     assert secrets_in_logs(caplog.records) == []
@@ -116,7 +116,7 @@ def test_an_error_that_quotes_a_header_value_is_logged_redacted(caplog):
     """Values the schema would refuse: the HTTP client's error names the value; the log line does not."""
     row = {"id": "r1", "callback_url": "http://127.0.0.1:9/", "callback_headers": {"Authorization": " " + SECRET}}
 
-    _call_back(row, {"status": "completed"})
+    call_back(row, {"status": "completed"})
 
     failed, = [r for r in caplog.records if r.message == "callback failed"]
     assert failed.error.startswith("Invalid leading whitespace") and failed.error.endswith("'[redacted]'")
@@ -127,7 +127,7 @@ def test_a_redirect_is_not_followed_so_the_headers_stay_with_the_receiver_asked(
     with serving([]) as elsewhere, serving([307], redirect_to=None) as receiver:
         receiver.redirect_to = elsewhere.url
 
-        _call_back({"id": "r1", "callback_url": receiver.url, "callback_headers": HEADERS}, {"status": "completed"})
+        call_back({"id": "r1", "callback_url": receiver.url, "callback_headers": HEADERS}, {"status": "completed"})
 
     assert len(receiver.headers) == 1 and elsewhere.headers == []
     failed, = [r for r in caplog.records if r.message == "callback failed"]
@@ -182,6 +182,22 @@ def test_a_queued_request_calls_back_with_its_headers_which_nothing_shows(client
     assert not [r.get_data(as_text=True) for r in shown if "s3cret" in r.get_data(as_text=True)]
     assert stored(conn, request_id)["callback_headers"] is None   # dropped once the request has ended
     assert secrets_in_logs(caplog.records) == []
+
+
+def test_a_request_its_lost_worker_leaves_failed_is_called_back_by_the_reclaim(client, conn, db, served, receiver):
+    request_id = client.post("/dispatch", json=dispatch_body(receiver.url, **{"async": True})).get_json()["request_id"]
+    request_queue.claim_next(conn, owner="dead-worker", lease_seconds=30)
+    conn.execute("UPDATE request_queue SET attempts = 3, lease_expires_at = now() - interval '1 second'"
+                 " WHERE id = %s", (request_id,))
+
+    reclaimed = WorkerPool(db, client.application.extensions["settings"], workers=1).reclaim_once()
+
+    assert [(str(row["id"]), row["status"]) for row in reclaimed] == [(request_id, "failed")]
+    assert receiver.bodies == [{"request_id": request_id, "status": "failed", "error": {
+        "error": "worker_lost", "detail": "The worker running this request stopped before finishing it.",
+        "attempts": 3}}]
+    assert (receiver.headers[0]["Authorization"], receiver.headers[0]["X-Resume-Key"]) == (SECRET, "second s3cret")
+    assert stored(conn, request_id)["callback_headers"] is None
 
 
 def test_a_sync_request_calls_back_with_its_headers_too(client, conn, served, receiver):
