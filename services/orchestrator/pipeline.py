@@ -217,13 +217,18 @@ class LeaseRenewer:
     """Renews the leases of the requests this process runs, so only a dead owner's lease lapses.
 
     One thread per process, one UPDATE per database every `queue_lease_renew_s` for all of them:
-    a thread per request would cost more than an instant model's whole answer.
+    a thread per request would cost more than an instant model's whole answer. It sleeps that long
+    when it has no lease to renew too, so a lease taken during a sleep is renewed in time; only an
+    interval shorter than any before wakes it (never a request as such: that would cost each one a
+    thread switch).
     """
 
     def __init__(self) -> None:
         self._leases: dict[tuple[str, str], tuple[Database, Settings]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._interval_s = Settings.queue_lease_renew_s
+        self._shorter = threading.Event()
 
     @contextmanager
     def kept(self, db: Database, settings: Settings, request_id: str, owner: str) -> Iterator[None]:
@@ -231,6 +236,9 @@ class LeaseRenewer:
         key = (request_id, owner)
         with self._lock:
             self._leases[key] = (db, settings)
+            if settings.queue_lease_renew_s < self._interval_s:
+                self._interval_s = settings.queue_lease_renew_s
+                self._shorter.set()
             if self._thread is None or not self._thread.is_alive():  # first use, or after a fork
                 self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
                 self._thread.start()
@@ -242,7 +250,8 @@ class LeaseRenewer:
 
     def _run(self) -> None:
         while True:
-            time.sleep(self._interval())
+            self._shorter.wait(self._interval_s)
+            self._shorter.clear()
             with self._lock:
                 groups: dict[tuple[int, float], tuple[Database, list[tuple[str, str]]]] = {}
                 for key, (db, settings) in self._leases.items():
@@ -253,12 +262,6 @@ class LeaseRenewer:
                         request_queue.renew_leases(conn, leases, lease_seconds=lease_s)
                 except Exception:
                     logger.warning("could not renew leases", extra={"leases": len(leases)}, exc_info=True)
-
-
-    def _interval(self) -> float:
-        with self._lock:
-            return min((settings.queue_lease_renew_s for _, settings in self._leases.values()),
-                       default=Settings.queue_lease_renew_s)
 
 
 _lease_renewer = LeaseRenewer()

@@ -68,6 +68,26 @@ def test_a_lease_is_renewed_while_its_block_runs_and_no_longer_after(pooled):
         assert lease_left_s(conn, request_id) < 2
 
 
+def test_a_lease_taken_after_an_idle_spell_is_renewed_in_time(pooled):
+    settings = Settings(queue_lease_renew_s=0.2, queue_lease_s=1.0)
+    renewer = LeaseRenewer()
+    first, second = "5f0c7b7e-0000-4000-8000-000000000302", "5f0c7b7e-0000-4000-8000-000000000303"
+    with pooled.connection() as conn:
+        sync_request(conn, first, "worker-a", lease_seconds=1)
+        sync_request(conn, second, "worker-a", lease_seconds=1)
+    with renewer.kept(pooled, settings, first, "worker-a"):
+        time.sleep(0.3)
+    time.sleep(0.3)   # the renewer wakes with nothing to renew, and sleeps again
+
+    left = []
+    with renewer.kept(pooled, settings, second, "worker-a"):
+        for _ in range(8):   # a call longer than the lease
+            time.sleep(0.2)
+            with pooled.connection() as conn:
+                left.append(lease_left_s(conn, second))
+    assert min(left) > 0, left
+
+
 # --- runtimes held by requests ---------------------------------------------------------------------
 
 def running_runtime(conn) -> dict:
