@@ -150,11 +150,21 @@ def stale_starting_runtimes(conn: psycopg.Connection, older_than_s: float) -> li
 
 
 def pending_requests_by_model(conn: psycopg.Connection) -> list[dict]:
+    """Pending requests by the model they will likely run on: the one a retried request was given,
+    else the one given the latest request of its task type (what selection chooses now). A pending
+    request of a task type no model has served yet counts for none: its claim starts a runtime."""
     return conn.execute("""
-        SELECT assigned_model_id AS model_id, count(*)::int AS pending
-        FROM request_queue
-        WHERE status = 'pending' AND assigned_model_id IS NOT NULL
-        GROUP BY assigned_model_id
+        WITH pending AS (SELECT assigned_model_id, task_type FROM request_queue WHERE status = 'pending'),
+        serving AS (
+            SELECT kind.task_type, latest.model_id
+            FROM (SELECT DISTINCT task_type FROM pending WHERE assigned_model_id IS NULL) kind
+            CROSS JOIN LATERAL (SELECT assigned_model_id AS model_id FROM request_queue r
+                                WHERE r.task_type = kind.task_type AND r.assigned_model_id IS NOT NULL
+                                ORDER BY r.created_at DESC LIMIT 1) latest)
+        SELECT coalesce(p.assigned_model_id, s.model_id) AS model_id, count(*)::int AS pending
+        FROM pending p LEFT JOIN serving s ON p.assigned_model_id IS NULL AND s.task_type = p.task_type
+        WHERE coalesce(p.assigned_model_id, s.model_id) IS NOT NULL
+        GROUP BY 1
         ORDER BY pending DESC
     """).fetchall()
 

@@ -260,6 +260,22 @@ def test_autoscale_adds_a_replica_when_the_queue_is_long(db, conn, model, settin
     assert lifecycle.autoscale(db, settings) == []  # 5 pending for 2 replicas is within 4 per replica
 
 
+def test_autoscale_counts_fresh_requests_for_the_model_serving_their_task_type(db, conn, model, settings):
+    first = lifecycle.ensure_runtime(db, model["id"], settings)
+    conn.execute("INSERT INTO request_queue (request_payload, task_type, assigned_model_id, status, attempts,"
+                 " started_at, completed_at, result) VALUES ('{}', 'text-generation', %s, 'completed', 1, now(),"
+                 " now(), '{}')", (model["id"],))
+    for task_type in ["text-generation"] * 5 + ["summarization"] * 9:   # none served summaries yet
+        conn.execute("INSERT INTO request_queue (request_payload, task_type) VALUES ('{}', %s)", (task_type,))
+
+    assert queries.pending_requests_by_model(conn) == [{"model_id": model["id"], "pending": 5}]
+    actions = lifecycle.autoscale(db, settings)
+
+    [added] = [row for row in queries.live_runtimes(conn, model_id=model["id"]) if row["id"] != first["id"]]
+    assert actions == [{"model_id": model["id"], "runtime_id": added["id"], "action": "started",
+                        "detail": "5 pending for 1 replica(s)"}]
+
+
 def test_autoscale_stops_at_max_replicas(db, conn, settings, fake_server):
     model = insert_model(conn, runtime_config={"endpoint": fake_server.url, "scale_up_pending": 1})
     lifecycle.ensure_runtime(db, model["id"], settings)
