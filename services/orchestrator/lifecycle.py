@@ -106,8 +106,8 @@ def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: H
         with db.connection(autocommit=True) as conn:
             row = queries.release(conn, runtime_id, holder)
             if row is not None and result is not None and holder is not None:
-                failure = {"error": "unrecordable_answer",
-                           "detail": f"The answer could not be recorded: {_first_line(error)}"}
+                why = _first_line(str(error), type(error).__name__)
+                failure = {"error": "unrecordable_answer", "detail": f"The answer could not be recorded: {why}"}
                 if request_queue.fail(conn, holder.request_id, owner=holder.owner, error_details=failure):
                     row["failure"] = failure
     if row and row["keep_alive_seconds"] == 0 and row["active_requests"] == 0 and row["status"] == "running":
@@ -353,8 +353,7 @@ def _start_failed(db: Database, runtime: dict, message: str) -> RuntimeUnavailab
     with db.connection() as conn:
         queries.mark_error(conn, runtime["id"], message, ("starting",))
     logger.warning("runtime failed to start", extra={"runtime_id": str(runtime["id"]), "reason": message[:500]})
-    first_line = message.splitlines()[0] if message else "unknown reason"
-    return RuntimeUnavailable(f"runtime {runtime['id']} failed to start: {first_line}",
+    return RuntimeUnavailable(f"runtime {runtime['id']} failed to start: {_first_line(message, 'unknown reason')}",
                               runtime_id=str(runtime["id"]), model_id=str(runtime["model_id"]))
 
 
@@ -592,8 +591,8 @@ def _finish_stop(db: Database, row: dict, settings: Settings) -> dict:
         return stopped or queries.get_runtime(conn, row["id"]) or row
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
+def _first_line(text: str, otherwise: str) -> str:
+    return (text.splitlines() or [otherwise])[0]
 
 
 def _stop_quietly(driver: RuntimeDriver, runtime: dict) -> None:

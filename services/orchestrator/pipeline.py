@@ -189,7 +189,7 @@ def _run_request(db: Database, settings: Settings, row: dict, holder: Holder, *,
             recorded = request_queue.fail(conn, request_id, owner=owner, error_details=details,
                                           admission=holder.admission)
         if recorded:
-            call_back(row, {"request_id": request_id, "status": "failed", "error": details})
+            call_back_failed(row, details)
         if raise_problem or not isinstance(error, Problem):
             raise
         return None
@@ -208,7 +208,7 @@ def _recorded_answer(row: dict, outcome: Outcome) -> None:
     if outcome.recorded:
         call_back(row, outcome.result)
     elif outcome.failure is not None:
-        call_back(row, {"request_id": str(row["id"]), "status": "failed", "error": outcome.failure})
+        call_back_failed(row, outcome.failure)
     else:
         logger.warning("lease lost before completion; result dropped", extra={"dispatch_id": str(row["id"])})
 
@@ -295,6 +295,11 @@ def call_back(row: dict, body: dict) -> None:
     except Exception as error:  # the result stays available at GET /requests/{id}
         logger.warning("callback failed", extra={"dispatch_id": str(row["id"]),
                                                  "error": _redacted(str(error), headers.values())})
+
+
+def call_back_failed(row: dict, error_details: dict) -> None:
+    """Call back a request that ended failed, with why."""
+    call_back(row, {"request_id": str(row["id"]), "status": "failed", "error": error_details})
 
 
 class CallbackRedirected(Exception):
@@ -626,8 +631,8 @@ def prompt_request(request: DispatchRequest, model: dict, settings: Settings) ->
 def check_admissible(payload: dict, settings: Settings) -> None:
     """Refuse now, before recording it, a request every attempt would refuse: a prompt over the size
     limit (PayloadTooLarge; its template adds to it, so one just under may still fail then)."""
-    text = payload["prompt"] if payload.get("prompt") is not None else payload["messages"][-1]["content"]
-    check_prompt_size(text, payload.get("variables") or {}, settings.max_prompt_chars)
+    request = DispatchRequest.from_payload(payload)
+    check_prompt_size(request.user_text, request.variables, settings.max_prompt_chars)
 
 
 def conversation(request: DispatchRequest, built: BuiltPrompt, repair_of: Outcome | None) -> list[dict]:

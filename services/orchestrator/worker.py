@@ -22,7 +22,7 @@ from services.common.config import Settings, env_int
 from services.common.db import Database, PooledDatabase
 from services.common.logs import configure_logging
 from services.orchestrator import request_queue
-from services.orchestrator.pipeline import call_back, run_queued_request
+from services.orchestrator.pipeline import call_back_failed, run_queued_request
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class WorkerPool:
             self.wakeups.release(pending)
         for row in reclaimed:
             if row["status"] == "failed":
-                call_back(row, {"request_id": str(row["id"]), "status": "failed", "error": row["error_details"]})
+                call_back_failed(row, row["error_details"])
         return reclaimed
 
 
