@@ -8,6 +8,16 @@ from urllib3.util.retry import Retry
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
+class CappedRetry(Retry):
+    """Retry that honours a Retry-After of up to MAX_RETRY_AFTER_S: a receiver asking for an hour
+    would otherwise hold the calling thread (a queue worker, say) that long."""
+
+    MAX_RETRY_AFTER_S = 10.0
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        return min(super().parse_retry_after(retry_after), self.MAX_RETRY_AFTER_S)
+
+
 class TimeoutSession(requests.Session):
     """A Session that never waits forever: a call without `timeout=` gets the default."""
 
@@ -29,7 +39,7 @@ def http_session(*, timeout_s: float = 10.0, retries: int = 2, backoff_s: float 
     Retries connection failures and `retry_statuses` (502/503/504) for idempotent methods only,
     so a POST that reached a model server is never sent twice.
     """
-    retry = Retry(
+    retry = CappedRetry(
         total=retries,
         connect=retries,
         read=retries,

@@ -13,6 +13,7 @@ import pytest
 
 from fake_model_server import FakeModelServer
 from orchestrator_helpers import insert_model
+from services.common.http import CappedRetry
 from services.orchestrator import create_app, request_queue
 from services.orchestrator.pipeline import call_back
 from services.orchestrator.worker import WorkerPool
@@ -24,10 +25,11 @@ HEADERS = {"Authorization": SECRET, "X-Resume-Key": "second s3cret"}
 class Receiver(ThreadingHTTPServer):
     """Answers the queued statuses in turn (then 200) and keeps the bodies and headers it got."""
 
-    def __init__(self, statuses: list[int], redirect_to: str | None = None) -> None:
+    def __init__(self, statuses: list[int], redirect_to: str | None = None, retry_after: str | None = None) -> None:
         super().__init__(("127.0.0.1", 0), ReceiverHandler)
         self.statuses = statuses
         self.redirect_to = redirect_to
+        self.retry_after = retry_after
         self.bodies: list[dict] = []
         self.headers: list[dict[str, str]] = []
 
@@ -44,6 +46,8 @@ class ReceiverHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         if self.server.redirect_to:
             self.send_header("Location", self.server.redirect_to)
+        if self.server.retry_after:
+            self.send_header("Retry-After", self.server.retry_after)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -52,8 +56,8 @@ class ReceiverHandler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serving(statuses: list[int], redirect_to: str | None = None) -> Iterator[Receiver]:
-    server = Receiver(statuses, redirect_to)
+def serving(statuses: list[int], redirect_to: str | None = None, retry_after: str | None = None) -> Iterator[Receiver]:
+    server = Receiver(statuses, redirect_to, retry_after)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -83,6 +87,16 @@ def test_a_callback_is_repeated_until_the_receiver_is_waiting(receiver):
     call_back({"id": "r1", "callback_url": receiver.url}, body)
 
     assert receiver.bodies == [body, body, body]
+
+
+def test_a_receiver_asking_for_a_long_wait_holds_the_caller_no_longer_than_the_cap(monkeypatch):
+    waits = []
+    monkeypatch.setattr("urllib3.util.retry.time.sleep", waits.append)
+    with serving([503], retry_after="86400") as receiver:
+        call_back({"id": "r1", "callback_url": receiver.url}, {"status": "completed"})
+
+    assert len(receiver.bodies) == 2
+    assert waits == [CappedRetry.MAX_RETRY_AFTER_S]
 
 
 @pytest.mark.parametrize("receiver", [[404]], indirect=True)
