@@ -158,11 +158,20 @@ def optimize(db: Database, session: requests.Session, settings: Settings) -> lis
     """Evaluate the active rules in priority order and act on those that trigger.
 
     Each rule runs in its own transaction with its row locked, so its audit row and counts
-    commit together right after its calls, and a concurrent optimize skips it ('busy').
+    commit together right after its calls, and a concurrent optimize skips it ('busy'). A rule
+    that fails unexpectedly is rolled back and reported ('error'); the rules after it still run.
     """
     with db.connection() as conn:
         rule_ids = queries.active_rule_ids(conn)
-    return [_optimize_rule(db, session, settings, rule_id) for rule_id in rule_ids]
+    return [_optimize_rule_or_error(db, session, settings, rule_id) for rule_id in rule_ids]
+
+
+def _optimize_rule_or_error(db: Database, session: requests.Session, settings: Settings, rule_id: str) -> dict:
+    try:
+        return _optimize_rule(db, session, settings, rule_id)
+    except Exception as exc:
+        logger.exception("optimization rule failed", extra={"rule_id": str(rule_id)})
+        return _outcome(rule_id, None, "error", f"unexpected {type(exc).__name__}; see the optimizer's log")
 
 
 def _optimize_rule(db: Database, session: requests.Session, settings: Settings, rule_id: str) -> dict:

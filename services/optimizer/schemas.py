@@ -374,7 +374,7 @@ class RuleOutcomeSchema(Schema):
     rule_id = fields.UUID(required=True)
     rule_name = fields.String(allow_none=True, required=True)
     outcome = fields.String(required=True, validate=validate.OneOf(
-        ("not_triggered", "cooldown", "busy", "succeeded", "failed", "skipped")))
+        ("not_triggered", "cooldown", "busy", "succeeded", "failed", "skipped", "error")))
     reason = fields.String(required=True)
     action_id = fields.Integer(allow_none=True, required=True)
 

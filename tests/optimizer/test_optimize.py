@@ -267,3 +267,35 @@ def test_a_rule_locked_by_another_optimize_is_skipped(fresh_database_url):
         holder.rollback()
     assert results == [{"rule_id": rule_id, "rule_name": None, "outcome": "busy",
                         "reason": "being evaluated elsewhere, deleted or deactivated", "action_id": None}]
+
+
+def test_a_rule_that_fails_unexpectedly_is_reported_and_the_rules_after_it_still_run(fresh_database_url, monkeypatch,
+                                                                                    caplog):
+    from services.common.config import Settings
+    from services.common.db import SingleConnectionDatabase, connect
+    from services.common.http import http_session
+    from services.optimizer import rules
+
+    evaluate = rules.evaluate
+
+    def first_fails(conn, rule):
+        if rule["priority"] == top_priority:
+            raise ZeroDivisionError("a bug")
+        return evaluate(conn, rule)
+
+    monkeypatch.setattr(rules, "evaluate", first_fails)
+    with connect(fresh_database_url, autocommit=True) as conn:
+        active = conn.execute("SELECT id, priority FROM optimization_rules WHERE active"
+                              " ORDER BY priority DESC, rule_name").fetchall()
+        assert len(active) >= 2 and active[0]["priority"] > active[1]["priority"]
+        top_priority = active[0]["priority"]
+        results = rules.optimize(SingleConnectionDatabase(conn), http_session(),
+                                 Settings(database_url=fresh_database_url))
+        evaluated = conn.execute("SELECT id FROM optimization_rules WHERE last_evaluated_at IS NOT NULL").fetchall()
+    others = [r["id"] for r in active[1:]]
+    assert results[0] == {"rule_id": active[0]["id"], "rule_name": None, "outcome": "error",
+                          "reason": "unexpected ZeroDivisionError; see the optimizer's log", "action_id": None}
+    assert [r["rule_id"] for r in results[1:]] == others
+    assert all(r["outcome"] != "error" for r in results[1:])
+    assert sorted(r["id"] for r in evaluated) == sorted(others)
+    assert [r.message for r in caplog.records if r.levelname == "ERROR"] == ["optimization rule failed"]
