@@ -48,7 +48,7 @@ def main(rows: int) -> None:
                                       ("request_count", "count")):
                 timed(f"metric {metric} (10 min, all)", lambda: metrics.measure(
                     conn, metric, aggregate, window_seconds=600, scope="all", scope_value=None))
-            timed("refresh summary (CONCURRENTLY)", lambda: performance.refresh_summary(url))
+            timed("refresh summary (CONCURRENTLY)", lambda: performance.refresh_summary(url, 600_000))
             timed("update_rankings (24 h)", lambda: rankings.update_rankings(conn, 86_400))
             deleted = timed("purge older than 30 days (batches of 5000)", lambda: performance.purge_old_performance(
                 conn, timedelta(days=30), 5000))

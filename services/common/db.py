@@ -155,8 +155,10 @@ def check_idle_connection(conn: psycopg.Connection) -> None:
         raise psycopg.OperationalError("the server closed this idle connection")
 
 
-def connect(conninfo: str, **kwargs) -> psycopg.Connection:
-    """A plain connection returning dict rows (scripts, migrations, tests)."""
+def connect(conninfo: str, *, statement_timeout_ms: int | None = None, **kwargs) -> psycopg.Connection:
+    """A plain connection returning dict rows (scripts, migrations, tests, jobs needing their own)."""
+    if statement_timeout_ms is not None:
+        kwargs["options"] = f"-c statement_timeout={statement_timeout_ms}"
     return psycopg.connect(conninfo, row_factory=dict_row, **kwargs)
 
 

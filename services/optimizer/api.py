@@ -60,7 +60,8 @@ class PerformanceRefresh(MethodView):
     @blp.response(200, RefreshSchema)
     def post(self):
         """Refresh the summary concurrently; a refresh already running is not started twice."""
-        return performance.refresh_summary(current_settings().database_url)
+        settings = current_settings()
+        return performance.refresh_summary(settings.database_url, settings.db_statement_timeout_ms)
 
 
 @blp.route("/analysis")

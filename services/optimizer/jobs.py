@@ -50,7 +50,7 @@ class ScheduledJob:
 
 
 def refresh_summary(settings: Settings) -> dict:
-    return performance.refresh_summary(settings.database_url)
+    return performance.refresh_summary(settings.database_url, settings.db_statement_timeout_ms)
 
 
 def optimize(settings: Settings, db: Database, session: requests.Session) -> list[dict]:
@@ -64,7 +64,7 @@ def update_rankings(db: Database, window_seconds: int) -> dict:
 
 def purge_performance(settings: Settings, batch_size: int) -> int:
     # Autocommit: every batch commits by itself, so no long transaction holds the rows.
-    with connect(settings.database_url, autocommit=True) as conn:
+    with connect(settings.database_url, autocommit=True, statement_timeout_ms=settings.db_statement_timeout_ms) as conn:
         return performance.purge_old_performance(
             conn, timedelta(days=settings.performance_retention_days), batch_size)
 

@@ -33,12 +33,12 @@ def summary(conn: psycopg.Connection, *, model_id: str | None = None, task_type:
                                        limit=limit, offset=offset)
 
 
-def refresh_summary(conninfo: str) -> dict:
+def refresh_summary(conninfo: str, statement_timeout_ms: int) -> dict:
     """REFRESH the summary view CONCURRENTLY unless a refresh is already running.
 
     CONCURRENTLY cannot run in a transaction block, so this opens its own autocommit connection.
     """
-    with connect(conninfo, autocommit=True) as conn:
+    with connect(conninfo, autocommit=True, statement_timeout_ms=statement_timeout_ms) as conn:
         if not conn.execute("SELECT pg_try_advisory_lock(%s) AS got", (REFRESH_LOCK_KEY,)).fetchone()["got"]:
             return {"refreshed": False, "reason": "a refresh is already running", "duration_ms": None}
         try:

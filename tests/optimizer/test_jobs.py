@@ -4,6 +4,7 @@ import logging
 from datetime import timedelta
 
 import pytest
+from psycopg import errors as pg_errors
 from responses import matchers
 
 from services.common.config import Settings
@@ -76,6 +77,20 @@ def test_orchestrator_jobs_call_its_endpoints_with_the_token(session):
         http.post(f"{ORCHESTRATOR}/runtimes/health", json={"checked": 0}, match=[auth])
         assert jobs.reap_idle_runtimes(SETTINGS, session) == 200
         assert jobs.check_runtime_health(SETTINGS, session) == 200
+
+
+@pytest.mark.parametrize("job, blocker", [
+    # A plain REFRESH in an open transaction holds the view's ACCESS EXCLUSIVE lock.
+    (lambda settings: jobs.refresh_summary(settings), "REFRESH MATERIALIZED VIEW model_performance_summary"),
+    (lambda settings: jobs.purge_performance(settings, batch_size=10),
+     "LOCK TABLE performance_logs IN ACCESS EXCLUSIVE MODE"),
+])
+def test_jobs_with_their_own_connection_are_bounded_by_the_statement_timeout(fresh_database_url, job, blocker):
+    settings = Settings(database_url=fresh_database_url, db_statement_timeout_ms=200)
+    with connect(fresh_database_url) as holder:
+        holder.execute(blocker)
+        with pytest.raises(pg_errors.QueryCanceled, match="statement timeout"):
+            job(settings)
 
 
 def test_in_process_jobs_on_a_real_database(fresh_database_url, session):

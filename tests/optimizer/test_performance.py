@@ -140,10 +140,10 @@ def test_refresh_then_summary_filters_by_model_and_task_type(committed):
 def test_refresh_already_running_is_not_started_twice(fresh_database_url):
     with connect(fresh_database_url, autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(%s)", (REFRESH_LOCK_KEY,))
-        assert refresh_summary(fresh_database_url) == {
+        assert refresh_summary(fresh_database_url, 30_000) == {
             "refreshed": False, "reason": "a refresh is already running", "duration_ms": None}
         other.execute("SELECT pg_advisory_unlock(%s)", (REFRESH_LOCK_KEY,))
-    assert refresh_summary(fresh_database_url)["refreshed"] is True
+    assert refresh_summary(fresh_database_url, 30_000)["refreshed"] is True
 
 
 def test_purge_deletes_old_rows_in_batches(conn, models):
