@@ -696,7 +696,8 @@ def _performance_row(request_id: str, request: DispatchRequest, outcome: Outcome
         "input_tokens": generation.input_tokens if generation else None,
         "output_tokens": generation.output_tokens if generation else None,
         "tokens_per_second": timings.tokens_per_second if timings else None,
-        "processing_time_ms": round(attempt.duration_ms),
+        # Without a cold start: that is load_time_ms, which selection adds for a model not running.
+        "processing_time_ms": round(attempt.duration_ms - (outcome.ensure_ms if outcome.cold_start else 0.0)),
         "load_time_ms": outcome.load_time_ms,
         "queue_wait_ms": round(queue_wait_ms),
         "success": attempt.outcome in SERVED,

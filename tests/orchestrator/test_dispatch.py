@@ -794,6 +794,25 @@ def test_the_attempt_that_starts_a_runtime_logs_its_load_time(client, conn, fake
     assert cold["timings"]["cold_start_ms"] > 0 and warm["timings"]["cold_start_ms"] == 0
 
 
+def test_a_cold_attempt_logs_its_processing_time_without_the_start(client, conn, fake_server, monkeypatch):
+    """Selection adds load_time_ms to a cold model's p95: the start must not be in processing_time_ms too."""
+    served_by(conn, fake_server)
+    lease_runtime = pipeline.lease_runtime
+
+    def slow_to_start(*args, **kwargs):
+        runtime = lease_runtime(*args, **kwargs)
+        time.sleep(0.3)
+        return runtime
+
+    monkeypatch.setattr(pipeline, "lease_runtime", slow_to_start)
+    cold = client.post("/dispatch", json=dispatch_body()).get_json()
+
+    row = conn.execute("SELECT processing_time_ms, load_time_ms FROM performance_logs WHERE request_id = %s",
+                       (cold["request_id"],)).fetchone()
+    assert cold["timings"]["cold_start_ms"] >= 300 and row["load_time_ms"] is not None
+    assert row["processing_time_ms"] < 300 <= cold["attempts"][0]["duration_ms"]
+
+
 def streamed(conn, db, settings, **fields) -> tuple[str, list[dict]]:
     """A request streamed through the pipeline as the front doors stream it: its id and every event."""
     payload = DispatchSchema().load(dispatch_body(**fields))
