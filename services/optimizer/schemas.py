@@ -114,6 +114,7 @@ class SummaryRowSchema(Schema):
     validated_requests = fields.Integer(required=True)
     validation_pass_rate = fields.Float(allow_none=True)
     avg_feedback_score = fields.Float(allow_none=True)
+    feedback_count = fields.Integer(required=True)
     last_used = fields.DateTime(allow_none=True)
     refreshed_at = fields.DateTime(required=True)
 

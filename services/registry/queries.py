@@ -138,7 +138,8 @@ def selection_facts(conn: psycopg.Connection) -> list[dict]:
                s.p95_processing_time AS p95_latency_ms,
                s.avg_tokens_per_second AS tokens_per_second,
                coalesce(s.validated_requests, 0) AS validated_requests, s.validation_pass_rate,
-               s.avg_feedback_score AS feedback_score, s.avg_load_time AS load_time_ms
+               s.avg_feedback_score AS feedback_score, coalesce(s.feedback_count, 0) AS feedback_count,
+               s.avg_load_time AS load_time_ms
         FROM model_registry m
         CROSS JOIN LATERAL jsonb_to_record(m.performance_metrics) AS p(
             avg_latency_ms float8, p95_latency_ms float8, accuracy float8, success_rate float8,

@@ -18,7 +18,7 @@ Evidence. Each figure blends what was measured in the last 24 hours (the materia
 `model_performance_summary`, n samples) with the catalogue's prior (`performance_metrics`) by
 Bayesian shrinkage with PRIOR_WEIGHT pseudo-samples: value = (n * measured + k * prior) / (n + k).
 Missing priors fall back to DEFAULT_* constants (p95 from avg_latency_ms x P95_PER_MEAN; the
-validation and feedback priors from `accuracy`). Feedback is weighted as the window's requests.
+validation and feedback priors from `accuracy`). The feedback score's n is its ratings in the window.
 
 Cold start. A model is warm when one of its runtimes is 'running' and not 'unhealthy' (the shared
 `container_lifecycle` table); external endpoints are always warm. A cold model's expected latency
@@ -403,7 +403,7 @@ def _blended(row: dict) -> tuple[float, ...]:
         math.nan if tps is None else tps,
         _blend(row["validation_pass_rate"], row["validated_requests"],
                _first(row["prior_validation_pass_rate"], accuracy)),
-        _blend(row["feedback_score"], n, _first(row["prior_feedback_score"], accuracy)),
+        _blend(row["feedback_score"], row["feedback_count"], _first(row["prior_feedback_score"], accuracy)),
         n,
         _first(row["load_time_ms"], row["prior_load_time_ms"],
                DEFAULT_LOAD_TIME_MS[row["runtime_driver"]]),

@@ -130,7 +130,7 @@ def test_refresh_then_summary_filters_by_model_and_task_type(committed):
         "avg_processing_time": 250.0, "p50_processing_time": 250.0, "p95_processing_time": 385.0,
         "p99_processing_time": 397.0, "avg_tokens_per_second": None, "avg_load_time": None,
         "avg_memory_usage": None, "avg_cpu_usage": 20.0, "validated_requests": 4,
-        "validation_pass_rate": 0.5, "avg_feedback_score": None,
+        "validation_pass_rate": 0.5, "avg_feedback_score": None, "feedback_count": 0,
     }
     by_task = client.get("/performance/summary", query_string={"task_type": "summarization"}).json["items"]
     assert sorted(r["name"] for r in by_task) == ["gemma3", "smollm2"]

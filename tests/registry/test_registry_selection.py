@@ -65,6 +65,28 @@ def test_measured_data_ranks_models_per_objective(empty):
     assert best.score == pytest.approx(sum(best.breakdown.values()))
 
 
+def rate(conn, model_id, count: int, score: float) -> None:
+    for _ in range(count):
+        request_id = conn.execute("INSERT INTO request_queue (request_payload, task_type) VALUES ('{}', 'summarization')"
+                                  " RETURNING id").fetchone()["id"]
+        conn.execute("INSERT INTO request_feedback (request_id, model_id, score) VALUES (%s, %s, %s)",
+                     (request_id, model_id, score))
+
+
+def test_a_feedback_score_weighs_as_the_ratings_it_rests_on(empty):
+    """Not as the requests served: one rating of many requests barely moves the prior, and ratings of
+    a model not used in the window still count."""
+    used, rated = summarizer(empty, "used"), summarizer(empty, "rated")
+    log_requests(empty, used["id"], 200, 300)
+    rate(empty, used["id"], 1, 0.0)
+    rate(empty, rated["id"], 50, 0.0)
+    refresh(empty)
+
+    scores = {c.model["name"]: c.data["feedback_score"]
+              for c in select_models(empty, SelectionRequest(task_type="summarization"), SETTINGS).candidates}
+    assert scores == pytest.approx({"used": 20 * 0.8 / 21, "rated": 20 * 0.8 / 70})
+
+
 def test_a_new_model_gets_an_exploration_bonus_that_shrinks_as_it_is_measured(empty):
     known, new = summarizer(empty, "known"), summarizer(empty, "new")
     log_requests(empty, known["id"], 200, 750, validation_passed=True)
