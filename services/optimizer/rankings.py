@@ -4,7 +4,9 @@ Smoothing (a Bayesian average): value = (n * measured + K * prior) / (n + K), wi
 the figure was measured on and K = PRIOR_WEIGHT pseudo-samples. A model with 2 samples stays close
 to its prior; with 200 it is almost its measurement. The priors are the catalogue figures, copied
 once into performance_metrics.priors on the first update, so repeated updates over the same window
-give the same values instead of drifting. A figure without prior is the measurement as it is.
+give the same values instead of drifting. A figure the catalogue gives no prior for is smoothed
+toward the prior selection would use for it (`prior_for`), so that being used moves a model's
+figures only by what was measured; one without any (tokens/s, say) is the measurement as it is.
 
 accuracy = smoothed(success_rate * validation_pass_rate * feedback_score), each factor measured in
 the window and left out when it has no samples, smoothed toward the prior accuracy with n = the
@@ -18,10 +20,9 @@ from datetime import datetime, timezone
 import psycopg
 
 from services.optimizer import queries
+from services.registry.selection import DEFAULT_ACCURACY, DEFAULT_P95_MS, DEFAULT_SUCCESS_RATE, P95_PER_MEAN
 
 PRIOR_WEIGHT = 10
-# Used for a rate the catalogue gives no prior for, the same for every model.
-DEFAULT_PRIORS = {"success_rate": 0.9, "validation_pass_rate": 0.9, "feedback_score": 0.7, "accuracy": 0.5}
 PRIOR_KEYS = ("avg_latency_ms", "p50_latency_ms", "p95_latency_ms", "tokens_per_second",
               "load_time_ms", "success_rate", "validation_pass_rate", "feedback_score", "accuracy")
 
@@ -34,6 +35,20 @@ def smooth(measured: float | None, samples: int, prior: float | None,
     if prior is None:
         return measured
     return (samples * measured + weight * prior) / (samples + weight)
+
+
+def prior_for(key: str, priors: dict) -> float | None:
+    """The catalogue's prior for a figure or, without one, the one selection falls back to."""
+    if priors.get(key) is not None:
+        return priors[key]
+    if key in ("validation_pass_rate", "feedback_score"):
+        return prior_for("accuracy", priors)
+    if key == "p95_latency_ms":
+        average = priors.get("avg_latency_ms")
+        return DEFAULT_P95_MS if average is None else average * P95_PER_MEAN
+    if key == "p50_latency_ms":
+        return priors.get("avg_latency_ms")
+    return {"success_rate": DEFAULT_SUCCESS_RATE, "accuracy": DEFAULT_ACCURACY}.get(key)
 
 
 def update_rankings(conn: psycopg.Connection, window_seconds: int) -> dict:
@@ -60,7 +75,7 @@ def ranked_metrics(row: dict, window_seconds: int) -> dict:
         if isinstance(current.get(key), (int, float)) and not isinstance(current.get(key), bool)}
 
     def prior(key: str) -> float | None:
-        return priors.get(key, DEFAULT_PRIORS.get(key))
+        return prior_for(key, priors)
 
     n, ok = row["sample_size"], row["successes"]
     quality_factors = [value for value, samples in (
@@ -69,8 +84,7 @@ def ranked_metrics(row: dict, window_seconds: int) -> dict:
     quality = math.prod(quality_factors) if quality_factors else None
     figures = {
         "avg_latency_ms": smooth(row["avg_latency_ms"], ok, prior("avg_latency_ms")),
-        "p50_latency_ms": smooth(row["p50_latency_ms"], ok, priors.get("p50_latency_ms",
-                                                                         prior("avg_latency_ms"))),
+        "p50_latency_ms": smooth(row["p50_latency_ms"], ok, prior("p50_latency_ms")),
         "p95_latency_ms": smooth(row["p95_latency_ms"], ok, prior("p95_latency_ms")),
         "tokens_per_second": smooth(row["tokens_per_second"], row["tps_samples"], prior("tokens_per_second")),
         "load_time_ms": smooth(row["load_time_ms"], row["load_samples"], prior("load_time_ms")),

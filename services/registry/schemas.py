@@ -158,27 +158,31 @@ def load_runtime_config(driver: str, config: dict) -> dict:
     return RUNTIME_CONFIG_SCHEMAS[driver]().load(config)
 
 
-class PerformanceMetricsSchema(Schema):
-    """Priors from the catalogue; the optimizer overwrites them with measured figures."""
+class FiguresSchema(Schema):
+    """A model's performance figures, as a prior from the catalogue or as measured."""
 
     avg_latency_ms = fields.Float(allow_none=True, validate=validate.Range(0, 3_600_000))
     p50_latency_ms = fields.Float(allow_none=True, validate=validate.Range(0, 3_600_000))
     p95_latency_ms = fields.Float(allow_none=True, validate=validate.Range(0, 3_600_000))
-    p99_latency_ms = fields.Float(allow_none=True, validate=validate.Range(0, 3_600_000))
     accuracy = fields.Float(allow_none=True, validate=validate.Range(0, 1))
     success_rate = fields.Float(allow_none=True, validate=validate.Range(0, 1))
     validation_pass_rate = fields.Float(allow_none=True, validate=validate.Range(0, 1))
     feedback_score = fields.Float(allow_none=True, validate=validate.Range(0, 1))
     tokens_per_second = fields.Float(allow_none=True, validate=validate.Range(0, 1_000_000))
     load_time_ms = fields.Float(allow_none=True, validate=validate.Range(0, 3_600_000))
+
+
+class PerformanceMetricsSchema(FiguresSchema):
+    """Priors from the catalogue; the optimizer overwrites them with measured figures."""
+
+    p99_latency_ms = fields.Float(allow_none=True, validate=validate.Range(0, 3_600_000))
     sample_size = fields.Integer(strict=True, allow_none=True, validate=validate.Range(0, 2**53))
     context_length = fields.Integer(strict=True, allow_none=True,
                                     validate=validate.Range(1, 10_000_000))
     # Written by the optimizer's re-ranking: its window, when, and the catalogue priors it kept.
     window_seconds = fields.Integer(strict=True, allow_none=True, validate=validate.Range(1, 2**31 - 1))
     updated_at = JsonDateTime(allow_none=True)
-    priors = fields.Dict(keys=fields.String(validate=validate.Length(1, 50)),
-                         values=fields.Float(allow_none=True), validate=validate.Length(max=20))
+    priors = fields.Nested(FiguresSchema)
 
 
 class ModelSchema(Schema):

@@ -35,18 +35,20 @@ def test_reranking_moves_the_ranking_inputs(conn, models, log):
     slow, fast = _metrics(conn, mistral), _metrics(conn, llama)
     assert by_name["mistral:7b"]["performance_metrics"] == slow
     assert slow == {
-        "avg_latency_ms": 4200.0, "p50_latency_ms": 4200.0, "p95_latency_ms": 5000.0,
+        # p95 toward 1.5 x the prior average; validation and feedback unmeasured: the prior accuracy,
+        # which is what selection uses for them without a prior of their own.
+        "avg_latency_ms": 4200.0, "p50_latency_ms": 4200.0, "p95_latency_ms": (40 * 5000 + 10 * 1500) / 50,
         "tokens_per_second": 10.0, "load_time_ms": 3000.0, "success_rate": 0.98,
-        "validation_pass_rate": 0.9, "feedback_score": 0.7, "accuracy": 0.974, "context_length": 8192,
+        "validation_pass_rate": 0.87, "feedback_score": 0.87, "accuracy": 0.974, "context_length": 8192,
         "sample_size": 40, "window_seconds": 3600, "updated_at": slow["updated_at"],
         "priors": {"avg_latency_ms": 1000, "accuracy": 0.87},
     }
     assert {k: fast.get(k) for k in RANKING_KEYS} == {
         "avg_latency_ms": round((36 * 300 + 10 * 1200) / 46, 4),  # over the 36 successes
         "accuracy": round((40 * 0.9 * 0.9 + 10 * 0.85) / 50, 4),  # success * validation, no feedback
-        "tokens_per_second": 60.0, "load_time_ms": None, "p95_latency_ms": 300.0,
-        "success_rate": 0.9, "validation_pass_rate": 0.9,       # 0.9 measured, 0.9 default prior
-        "feedback_score": 0.7, "sample_size": 40,
+        "tokens_per_second": 60.0, "load_time_ms": None, "p95_latency_ms": round((36 * 300 + 10 * 1800) / 46, 4),
+        "success_rate": 0.9, "validation_pass_rate": round((40 * 0.9 + 10 * 0.85) / 50, 4),
+        "feedback_score": 0.85, "sample_size": 40,
     }
     # The selection's latency input now orders them the other way round.
     assert slow["avg_latency_ms"] > fast["avg_latency_ms"]
@@ -73,6 +75,20 @@ def test_updates_do_not_drift_for_a_model_that_had_no_priors(conn, models, log):
                 for run in runs}) == 1
 
 
+def test_one_fast_sample_does_not_replace_the_latency_prior(conn, models, log):
+    """Without a p95 prior, the p95 is smoothed toward 1.5 x the prior average (or selection's default)."""
+    smol = models["smollm2:135m-instruct-q4_1"]["id"]
+    conn.execute("UPDATE model_registry SET performance_metrics = '{\"avg_latency_ms\": 400}' WHERE id = %s",
+                 (smol,))
+    log(smol, n=1, processing_time_ms=50)
+    metrics = update_rankings(conn, 3600)["updated"][0]["performance_metrics"]
+    assert metrics["p95_latency_ms"] == round((1 * 50 + 10 * 600) / 11, 4)
+
+    conn.execute("UPDATE model_registry SET performance_metrics = '{}' WHERE id = %s", (smol,))
+    metrics = update_rankings(conn, 3600)["updated"][0]["performance_metrics"]
+    assert metrics["p95_latency_ms"] == round((1 * 50 + 10 * 2000) / 11, 4)
+
+
 def test_feedback_scores_count(conn, models, log):
     gemma = models["gemma3:270m-q4_k_m"]["id"]
     log(gemma, n=10, processing_time_ms=900)
@@ -82,7 +98,7 @@ def test_feedback_scores_count(conn, models, log):
         conn.execute("INSERT INTO request_feedback (request_id, model_id, score) VALUES (%s, %s, %s)",
                      (request_id, gemma, score))
     metrics = update_rankings(conn, 3600)["updated"][0]["performance_metrics"]
-    assert metrics["feedback_score"] == round((2 * 0.3 + 10 * 0.7) / 12, 4)
+    assert metrics["feedback_score"] == round((2 * 0.3 + 10 * 0.25) / 12, 4)   # toward the prior accuracy
     assert metrics["accuracy"] == round((10 * 1.0 * 0.3 + 10 * 0.25) / 20, 4)
 
 

@@ -91,6 +91,11 @@ def test_a_path_that_is_not_a_uuid_is_404(client):
     ("performance_metrics", {"accuracy": 2},
      {"accuracy": ["Must be greater than or equal to 0 and less than or equal to 1."]}),
     ("performance_metrics", {"speed": 1}, {"speed": ["Unknown field."]}),
+    # Re-ranking smooths toward the priors: out of range, they would push scores out of range.
+    ("performance_metrics", {"priors": {"success_rate": 50, "p95_latency_ms": -1, "speed": 1}},
+     {"priors": {"success_rate": ["Must be greater than or equal to 0 and less than or equal to 1."],
+                 "p95_latency_ms": ["Must be greater than or equal to 0 and less than or equal to 3600000."],
+                 "speed": ["Unknown field."]}}),
     ("tags", ["Bad Tag"], {"0": [NAME_RULE]}),
     ("tags", ["tag\n"], {"0": [NAME_RULE]}),
     ("tags", ["a", "a"], ["Items must be unique."]),
