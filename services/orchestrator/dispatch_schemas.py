@@ -5,7 +5,7 @@ import re
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from services.common.validation import WholeMatch
+from services.common.validation import WholeMatch, model_ref
 from services.common.vocabulary import OUTPUT_FORMATS, TASK_TYPES
 from services.orchestrator.schemas import MessageSchema
 from services.prompt_builder.formats import json_schema_problem
@@ -70,7 +70,7 @@ class RequirementsSchema(Schema):
     max_latency_ms = fields.Integer(validate=validate.Range(1, 3_600_000))
     weights = fields.Nested(WeightsSchema)
     required_tags = fields.List(fields.String(validate=WholeMatch(TAG)), validate=validate.Length(max=20))
-    exclude = fields.List(fields.String(validate=validate.Length(1, 130)), validate=validate.Length(max=100))
+    exclude = fields.List(fields.String(validate=model_ref), validate=validate.Length(max=100))
     prefer_warm = fields.Boolean()
 
 

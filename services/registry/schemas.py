@@ -1,22 +1,19 @@
 """Request and response schemas of the registry: the catalogue, selection and right-sizing."""
 from __future__ import annotations
 
-import re
 import string
-import uuid
 from urllib.parse import urlsplit
 
 from marshmallow import (RAISE, Schema, ValidationError, fields, missing, post_load, validate,
                          validates_schema)
 
-from services.common.validation import WholeMatch
+from services.common.validation import WholeMatch, model_ref
 from services.common.vocabulary import PROTOCOLS, RUNTIME_DRIVERS, TASK_TYPES
 from services.registry.selection import COMPLEXITY_LEVELS, OBJECTIVES, SelectionRequest
 
 DRIVERS = RUNTIME_DRIVERS
 # What a runtime accepts safely as a model name, a version or a tag (no spaces, slashes, colons).
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-MODEL_REF = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}:[a-z0-9][a-z0-9._-]{0,62}$")
 MAX_PAGE_SIZE = 200
 
 _name = WholeMatch(NAME_PATTERN, error="Must match {regex}.")
@@ -30,16 +27,6 @@ def _unique(values: list) -> None:
 def _absolute_path(value: str) -> None:
     if not value.startswith("/") or "\x00" in value or ".." in value.split("/"):
         raise ValidationError("Must be an absolute path without '..'.")
-
-
-def _model_ref(value: str) -> None:
-    """An exclude entry: a model id or `name:version`."""
-    if MODEL_REF.fullmatch(value):
-        return
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        raise ValidationError("Must be a model id or name:version.") from None
 
 
 def _http_url(**kwargs) -> fields.URL:
@@ -328,7 +315,7 @@ class RequirementsSchema(Schema):
         validate=validate.Range(1, 3_600_000))
     weights = fields.Nested(WeightsSchema, allow_none=True, load_default=None)
     required_tags = _tags(load_default=list)
-    exclude = fields.List(fields.String(validate=_model_ref), load_default=list, metadata={
+    exclude = fields.List(fields.String(validate=model_ref), load_default=list, metadata={
         "description": "Model ids or name:version"}, validate=validate.Length(max=100))
     prefer_warm = fields.Boolean(load_default=False)
 

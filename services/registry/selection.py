@@ -50,6 +50,7 @@ import numpy as np
 import psycopg
 
 from services.common.config import Settings
+from services.common.validation import NAME_VERSION
 from services.common.errors import Unprocessable
 from services.registry import queries
 
@@ -424,6 +425,10 @@ def _membership(rows: list[dict], key: str) -> dict[str, np.ndarray]:
 
 
 def _normal_ref(ref: str) -> str:
+    """A name:version as it is (`urn:0123…` is one, though uuid.UUID would read it as an id), an id
+    in its canonical text."""
+    if NAME_VERSION.fullmatch(ref):
+        return ref
     try:
         return str(uuid.UUID(ref))
     except ValueError:

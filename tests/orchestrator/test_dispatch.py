@@ -476,6 +476,10 @@ def test_a_pinned_model_skips_selection(client, conn, fake_server):
     (dispatch_body(requirements={"weights": {"speed": 0, "cost": 0}}, **{"async": True}),
      {"requirements": {"weights": {"_schema": ["At least one weight must be above 0."]}}}),
     (dispatch_body(colour="red"), {"colour": ["Unknown field."]}),
+    # An entry no model could match would exclude nothing, silently.
+    (dispatch_body(requirements={"exclude": ["victim", "Victim:1.0"]}, **{"async": True}),
+     {"requirements": {"exclude": {"0": ["Must be a model id or name:version."],
+                                   "1": ["Must be a model id or name:version."]}}}),
     ({"messages": [{"role": "assistant", "content": "hi"}]},
      {"messages": ["The last message must be a user message."]}),
 ])

@@ -193,6 +193,12 @@ def test_exclude_takes_ids_too(empty):
     assert select(empty, exclude=(str(first["id"]).upper(),)) == ["second"]
 
 
+def test_a_name_version_that_reads_as_an_id_too_names_the_model(empty):
+    summarizer(empty, "urn", version="0123456789abcdef0123456789abcdef")
+    summarizer(empty, "other")
+    assert select(empty, exclude=("urn:0123456789abcdef0123456789abcdef",)) == ["other"]
+
+
 def test_no_candidate_says_which_constraints_eliminated_the_models(empty):
     summarizer(empty, "weak", complexity_score=2)
     with pytest.raises(NoCandidate) as raised:
