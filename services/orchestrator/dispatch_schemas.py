@@ -91,7 +91,9 @@ class DispatchSchema(Schema):
                             load_default=dict, validate=validate.Length(max=20))
     max_tokens = fields.Integer(load_default=256, validate=validate.Range(1, 8192))
     temperature = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 2))
-    seed = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(0, 2**31 - 1))
+    seed = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(-(2**31), 2**31 - 1))
+    stop = fields.List(fields.String(validate=validate.Length(1, 100)), load_default=list,
+                       validate=validate.Length(max=8), metadata={"description": "Strings that end the answer"})
     priority = fields.Integer(load_default=100, validate=validate.Range(0, 1000))
     requirements = fields.Nested(RequirementsSchema, load_default=dict)
     max_retries = fields.Integer(load_default=2, validate=validate.Range(0, 5))

@@ -44,8 +44,36 @@ class LenientSchema(Schema):
         unknown = EXCLUDE
 
 
+def _none_of(what: str) -> Callable[[list], None]:
+    """A validator for a field clients may send empty but that the dispatcher cannot honour otherwise:
+    refused rather than dropped, so that a client does not take a reply without them for one with them."""
+    def check(values: list) -> None:
+        if values:
+            raise ValidationError(f"{what} are not supported by the dispatcher.")
+    return check
+
+
 class ChatMessageSchema(MessageSchema, LenientSchema):
-    pass
+    images = fields.List(fields.Raw(), allow_none=True, validate=_none_of("Images"))
+
+    @post_load
+    def _text_only(self, data: dict, **kwargs) -> dict:
+        data.pop("images", None)
+        return data
+
+
+class Stop(fields.Field):
+    """OpenAI's `stop`: one string or a list of up to 4, each ending the answer where it appears."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> list[str]:
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and len(value) <= 4
+                and all(isinstance(item, str) and 0 < len(item) <= 100 for item in value)):
+            raise ValidationError("Must be a string or a list of up to 4 strings of 1 to 100 characters.")
+        return value
+
+
+SEED = validate.Range(-(2**31), 2**31 - 1)
 
 
 class OpenAIContent(fields.Field):
@@ -90,17 +118,23 @@ class ChatCompletionSchema(ChatSchema):
     model = fields.String(required=True, validate=validate.Length(1, 130))
     messages = fields.List(fields.Nested(OpenAIMessageSchema), required=True, validate=validate.Length(1, 200))
     stream = fields.Boolean(load_default=False)
-    max_tokens = fields.Integer(validate=validate.Range(1, 8192))
-    max_completion_tokens = fields.Integer(validate=validate.Range(1, 8192))
+    max_tokens = fields.Integer(allow_none=True, validate=validate.Range(1, 8192))
+    max_completion_tokens = fields.Integer(allow_none=True, validate=validate.Range(1, 8192))
     temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2))
-    seed = fields.Integer(allow_none=True, validate=validate.Range(0, 2**31 - 1))
+    seed = fields.Integer(allow_none=True, validate=SEED)
+    stop = Stop(allow_none=True)
+    n = fields.Integer(allow_none=True, validate=validate.Equal(1, error="Only one choice (n: 1) is supported."))
     response_format = fields.Nested(ResponseFormatSchema, allow_none=True)
+    tools = fields.List(fields.Raw(), allow_none=True, validate=_none_of("Tools"))
+    functions = fields.List(fields.Raw(), allow_none=True, validate=_none_of("Functions"))
 
 
 class OllamaOptionsSchema(LenientSchema):
     temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2))
     num_predict = fields.Integer(allow_none=True, validate=validate.Range(-2, 8192))
-    seed = fields.Integer(allow_none=True, validate=validate.Range(0, 2**31 - 1))
+    seed = fields.Integer(allow_none=True, validate=SEED)
+    stop = fields.List(fields.String(validate=validate.Length(1, 100)), allow_none=True,
+                       validate=validate.Length(max=8))
 
 
 class OllamaFormat(fields.Field):
@@ -118,12 +152,14 @@ class OllamaChatSchema(ChatSchema):
     stream = fields.Boolean(load_default=True)
     format = OllamaFormat(load_default=None, metadata={"description": '"json" or a JSON schema'})
     options = fields.Nested(OllamaOptionsSchema, load_default=dict)
+    tools = fields.List(fields.Raw(), allow_none=True, validate=_none_of("Tools"))
 
 
 class OllamaGenerateSchema(LenientSchema):
     model = fields.String(required=True, validate=validate.Length(1, 130))
     prompt = fields.String(required=True, validate=validate.Length(1, 1_000_000))
     system = fields.String(validate=validate.Length(max=100_000))
+    images = fields.List(fields.Raw(), allow_none=True, validate=_none_of("Images"))
     stream = fields.Boolean(load_default=True)
     format = OllamaFormat(load_default=None, metadata={"description": '"json" or a JSON schema'})
     options = fields.Nested(OllamaOptionsSchema, load_default=dict)
@@ -165,7 +201,8 @@ class ChatCompletions(MethodView):
         dispatch = _dispatch_request(headers, body, messages=body["messages"], output_format=output_format,
                                      json_schema=json_schema,
                                      max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
-                                     temperature=body.get("temperature"), seed=body.get("seed"))
+                                     temperature=body.get("temperature"), seed=body.get("seed"),
+                                     stop=body.get("stop"))
         if body["stream"]:
             return _streamed(dispatch, _sse_lines, "text/event-stream")
         result = _run(dispatch)
@@ -245,8 +282,10 @@ class OllamaVersion(MethodView):
 
 def _dispatch_request(headers: dict, body: dict, *, messages: list[dict], output_format: str = "text",
                       json_schema: dict | None = None, max_tokens: int | None = None,
-                      temperature: float | None = None, seed: int | None = None) -> dict:
-    """The stored form of a dispatch (the same payload POST /dispatch stores)."""
+                      temperature: float | None = None, seed: int | None = None,
+                      stop: list[str] | None = None) -> dict:
+    """The stored form of a dispatch (the same payload POST /dispatch stores). Without `max_tokens`,
+    as in both APIs, the answer is as long as the model makes it (within the request's timeout)."""
     model = body["model"].removesuffix(":latest")
     if model != AUTO and not _is_model_ref(model):
         raise Unprocessable(f"model {body['model']!r} is neither 'auto' nor a model name.",
@@ -256,8 +295,8 @@ def _dispatch_request(headers: dict, body: dict, *, messages: list[dict], output
     payload = {
         "task_type": headers["task_type"], "complexity": headers["complexity"],
         "max_retries": headers["max_retries"], "messages": messages, "output_format": output_format,
-        "json_schema": json_schema, "variables": {}, "max_tokens": max_tokens or 256,
-        "temperature": temperature, "seed": seed, "priority": 100, "requirements": {},
+        "json_schema": json_schema, "variables": {}, "max_tokens": max_tokens,
+        "temperature": temperature, "seed": seed, "stop": stop or [], "priority": 100, "requirements": {},
         "timeout_s": 120.0, "model": None if model == AUTO else model, "callback_url": None,
     }
     check_admissible(payload, current_settings())
@@ -353,7 +392,7 @@ def _ollama_options(body: dict) -> dict:
     num_predict = options.get("num_predict")
     return {"output_format": "json" if fmt else "text", "json_schema": fmt if isinstance(fmt, dict) else None,
             "max_tokens": num_predict if num_predict and num_predict > 0 else None,
-            "temperature": options.get("temperature"), "seed": options.get("seed")}
+            "temperature": options.get("temperature"), "seed": options.get("seed"), "stop": options.get("stop")}
 
 
 def _ndjson_lines(requested_model: str, *, chat: bool) -> Callable[[dict, Iterator[dict]], Iterator[str]]:

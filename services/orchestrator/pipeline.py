@@ -28,7 +28,7 @@ from typing import Any
 
 from services.common.config import Settings
 from services.common.db import Database
-from services.common.errors import BadGateway, Conflict, GatewayTimeout, Problem, Unprocessable
+from services.common.errors import BadGateway, Conflict, GatewayTimeout, NotFound, Problem, Unprocessable
 from services.common.http import http_session
 from services.optimizer.performance import log_performance
 from services.orchestrator import request_queue
@@ -60,9 +60,10 @@ class DispatchRequest:
     output_format: str = "text"
     json_schema: dict | None = None
     variables: dict = field(default_factory=dict)
-    max_tokens: int = 256
+    max_tokens: int | None = 256   # None: as long as the model makes it
     temperature: float | None = None
     seed: int | None = None
+    stop: tuple[str, ...] = ()
     max_retries: int = 2
     timeout_s: float = 120.0
     model: str | None = None
@@ -82,7 +83,7 @@ class DispatchRequest:
             messages=tuple(body.get("messages") or ()), complexity=body["complexity"],
             output_format=body["output_format"], json_schema=body.get("json_schema"),
             variables=body.get("variables") or {}, max_tokens=body["max_tokens"],
-            temperature=body.get("temperature"), seed=body.get("seed"),
+            temperature=body.get("temperature"), seed=body.get("seed"), stop=tuple(body.get("stop") or ()),
             max_retries=body["max_retries"], timeout_s=body["timeout_s"], model=body.get("model"),
             max_memory_mb=requirements.get("max_memory_mb"), max_latency_ms=requirements.get("max_latency_ms"),
             weights=requirements.get("weights"), required_tags=tuple(requirements.get("required_tags", ())),
@@ -513,7 +514,7 @@ def _select_unread(db: Database, settings: Settings, request: DispatchRequest,
 def _select(db: Database, settings: Settings, request: DispatchRequest, state: dict | None = None) -> Selection:
     """The selection on `state`, or on the state read now."""
     if request.model:
-        return pinned_selection(db, request, state)
+        return pinned_selection(db, settings, request, state)
     with db.connection(autocommit=True) as conn:  # reads only
         selection = select_models(conn, selection_request(request), settings, state)
     if not selection.candidates:  # the ranked models were deleted between two reads
@@ -530,9 +531,14 @@ def selection_request(request: DispatchRequest) -> SelectionRequest:
     )
 
 
-def pinned_selection(db: Database, request: DispatchRequest, state: dict | None = None) -> Selection:
-    """The one model the caller named, as a selection of one (no scoring)."""
+def pinned_selection(db: Database, settings: Settings, request: DispatchRequest,
+                     state: dict | None = None) -> Selection:
+    """The one model the caller named, as a selection of one (no scoring); NotFound when it is not
+    served here (its runtime driver is not enabled: no attempt could start it)."""
     model, templates_version = named_model(db, request.model, state)
+    if model["runtime_driver"] not in settings.runtime_drivers:
+        raise NotFound(f"model {request.model} is not served here: its runtime driver "
+                       f"{model['runtime_driver']} is not enabled.", model_id=str(model["id"]))
     return Selection(task_type=request.task_type, complexity=request.complexity, weights={},
                      eligible_count=1, candidates=[Candidate(model=model, score=1.0, breakdown={},
                                                              data={"pinned": True})],
@@ -656,7 +662,7 @@ def generation_options(request: DispatchRequest) -> Options:
     response_format = None
     if request.output_format == "json":
         response_format = request.json_schema if request.json_schema is not None else "json"
-    return Options(max_tokens=request.max_tokens, temperature=request.temperature,
+    return Options(max_tokens=request.max_tokens, temperature=request.temperature, stop=request.stop,
                    response_format=response_format, seed=request.seed)
 
 

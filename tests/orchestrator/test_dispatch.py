@@ -99,6 +99,14 @@ def test_a_dispatch_answers_with_the_decision_and_leaves_a_record(client, conn, 
          "error_class": None, "template_version": 1, "output_tokens": 5}]
 
 
+def test_stop_strings_and_the_seed_reach_the_model(client, conn, fake_server):
+    served_by(conn, fake_server)
+    response = client.post("/dispatch", json=dispatch_body(stop=["END"], seed=-1))
+    assert response.status_code == 200
+    sent = [r["body"] for r in fake_server.requests if r["method"] == "POST"][-1]
+    assert (sent["stop"], sent["seed"]) == (["END"], -1)
+
+
 def test_the_answer_goes_out_before_its_record_is_written(client, conn, fake_server):
     model = served_by(conn, fake_server)
 

@@ -306,6 +306,57 @@ def test_openai_bad_model_name_and_body_are_422(gpt, database, model):
     assert database.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == 0
 
 
+def test_without_a_token_limit_the_answer_is_as_long_as_the_model_makes_it(gpt, dispatcher, database):
+    """OpenAI without max_tokens, Ollama with num_predict -1 (its default): no limit is made up."""
+    long_reply = " ".join(f"w{n}" for n in range(300))
+    with FakeModelServer(reply=long_reply) as server:
+        serve(database, server, name="fake-long")
+        completion = gpt.chat.completions.create(model="auto", messages=USER, max_tokens=None)
+        answer = llama(dispatcher).chat(model="auto", messages=USER, stream=False, options={"num_predict": -1})
+        sent = [body.get("max_tokens") for body in generation_requests(server)]
+    assert (completion.choices[0].finish_reason, completion.usage.completion_tokens) == ("stop", 300)
+    assert (answer.done_reason, answer.eval_count) == ("stop", 300)
+    assert sent == [None, None]
+
+
+def test_stop_strings_and_any_seed_reach_the_model(gpt, dispatcher, model, fake):
+    gpt.chat.completions.create(model="auto", messages=USER, stop="END", seed=-1)
+    llama(dispatcher).chat(model="auto", messages=USER, stream=False, options={"stop": ["END", "\n\n"], "seed": -1})
+    assert [(body["stop"], body["seed"]) for body in generation_requests(fake)] == [
+        (["END"], -1), (["END", "\n\n"], -1)]
+
+
+def test_tools_images_and_several_choices_are_refused_not_dropped(gpt, dispatcher, database, model, fake):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        gpt.chat.completions.create(model="auto", messages=USER, tools=tools, n=2)
+    assert caught.value.response.json()["errors"] == {"json": {
+        "tools": ["Tools are not supported by the dispatcher."], "n": ["Only one choice (n: 1) is supported."]}}
+    with pytest.raises(ollama.ResponseError) as caught:
+        llama(dispatcher).chat(model="auto", messages=[{**USER[0], "images": ["aGVsbG8="]}], tools=tools,
+                               stream=False)
+    assert caught.value.status_code == 422
+    with pytest.raises(ollama.ResponseError) as caught:
+        llama(dispatcher).generate(model="auto", prompt="What is this?", images=["aGVsbG8="])
+    assert caught.value.status_code == 422
+    assert generation_requests(fake) == []
+    assert database.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == 0
+
+    # The ollama client sends an empty tool list with every chat: that one is fine.
+    assert llama(dispatcher).chat(model="auto", messages=USER, stream=False).message.content == REPLY
+
+
+def test_a_model_the_dispatcher_cannot_run_is_a_404_not_a_502_the_client_retries(dispatcher, database, model):
+    client = openai.OpenAI(base_url=f"{dispatcher}/v1", api_key="unused")   # retries 5xx answers
+    assert "codellama:7b" not in [m.id for m in client.models.list()]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="codellama:7b", messages=USER)
+    assert caught.value.response.json()["detail"] == (
+        "model codellama:7b is not served here: its runtime driver docker is not enabled.")
+    assert database.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == 1
+    assert database.execute("SELECT count(*) AS n FROM performance_logs").fetchone()["n"] == 0
+
+
 def test_openai_when_every_attempt_fails_the_client_gets_a_502(gpt, database):
     with FakeModelServer(fault="error") as broken:
         model = serve(database, broken, name="fake-broken")
