@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import psycopg
 
-from services.common.vocabulary import TASK_TYPES
 from services.optimizer import queries
 
 

@@ -13,7 +13,7 @@ from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 from services.common.errors import Unprocessable
-from services.common.vocabulary import OUTPUT_FORMATS, PROTOCOLS
+from services.common.vocabulary import OUTPUT_FORMATS
 from services.prompt_builder.re2_validator import (RE2_FORMAT_CHECKER, Re2Validator, UnsupportedPattern,
                                                   compile_pattern)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from services.common.validation import WholeMatch
+from services.common.vocabulary import PROTOCOLS
 from services.prompt_builder import formats, templates
 
 MAX_TEMPLATE_CHARS = 20_000
@@ -106,7 +107,7 @@ class BuildRequestSchema(Schema):
     task_type = fields.String(required=True, validate=validate.OneOf(templates.TASK_TYPES))
     model = fields.String(required=True, validate=WholeMatch(templates.MODEL_PATTERN),
                           metadata={"example": "llama2:13b"})
-    protocol = fields.String(load_default="openai", validate=validate.OneOf(formats.PROTOCOLS))
+    protocol = fields.String(load_default="openai", validate=validate.OneOf(PROTOCOLS))
     output_format = fields.String(load_default="text", validate=validate.OneOf(formats.FORMATS))
     json_schema = fields.Dict(load_default=None, allow_none=True, metadata=JSON_SCHEMA_DOC)
     variables = fields.Nested(VariablesSchema, load_default=dict)

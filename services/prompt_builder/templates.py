@@ -12,7 +12,7 @@ import psycopg
 
 from services.common.config import Settings
 from services.common.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
-from services.common.vocabulary import TASK_TYPES
+from services.common.vocabulary import PROTOCOLS, TASK_TYPES
 from services.prompt_builder import formats, queries
 
 # 'default' as a task type (with family 'default') is the global fallback template.
@@ -307,8 +307,8 @@ def _render_parts(template: Mapping[str, Any], values: Mapping[str, str]) -> tup
 def _check_request(request: PromptRequest) -> None:
     if request.task_type not in TASK_TYPES:
         raise Unprocessable(f"Unknown task_type {request.task_type!r}.", allowed=list(TASK_TYPES))
-    if request.protocol not in formats.PROTOCOLS:
-        raise Unprocessable(f"Unknown protocol {request.protocol!r}.", allowed=list(formats.PROTOCOLS))
+    if request.protocol not in PROTOCOLS:
+        raise Unprocessable(f"Unknown protocol {request.protocol!r}.", allowed=list(PROTOCOLS))
     formats.check_format(request.output_format, request.json_schema)
     unknown = sorted(set(request.variables) - set(EXTRA_VARIABLES))
     if unknown:

@@ -194,7 +194,7 @@ def test_switch_model_demotes_only_with_an_alternative(client, conn, models, htt
     orca, smol = models["orca-mini:3b"], models[SMOL]
     log(orca["id"], n=3, task_type="question-answering", processing_time_ms=40_000)
     log(smol["id"], n=3, task_type="question-answering", processing_time_ms=35_000)
-    rule = client.post("/rules", json={
+    client.post("/rules", json={
         "rule_name": "switch", "scope": "task_type", "scope_value": "question-answering",
         "action_type": "switch_model", "action_parameters": {"max_processing_time_ms": 30_000},
         "conditions": [{"metric": "avg_processing_time_ms", "operator": ">", "threshold": 30_000}]}).json
