@@ -480,7 +480,8 @@ def _stream_attempt(db: Database, settings: Settings, request: DispatchRequest,
         finally:
             chunks.close()
         outcome.generation = stream.result
-    outcome.parsed = parse_output("".join(text), request.output_format, request.json_schema)
+    outcome.parsed = parse_output("".join(text), request.output_format, request.json_schema,
+                                  request.variables.get("language"))
     attempt.reasons = outcome.parsed.reasons
 
 
@@ -616,7 +617,8 @@ def _generate(outcome: Outcome, model: dict, runtime: dict, request: DispatchReq
         client = client_for(model, runtime["endpoint"], timeout_s=request.timeout_s)
         outcome.generation = client.generate(
             messages=conversation(request, outcome.built, repair_of), options=generation_options(request))
-        outcome.parsed = parse_output(outcome.generation.text, request.output_format, request.json_schema)
+        outcome.parsed = parse_output(outcome.generation.text, request.output_format, request.json_schema,
+                                      request.variables.get("language"))
         attempt.outcome = "ok" if outcome.parsed.valid else "invalid_output"
         attempt.reasons = outcome.parsed.reasons
     except ModelServerTimeout as error:

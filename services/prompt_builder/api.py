@@ -99,4 +99,4 @@ class ResponseParse(MethodView):
     @blp.response(200, ParsedOutputSchema)
     def post(self, data: dict):
         """Extract and check a model's raw output; output that does not validate is a 200 with valid: false."""
-        return formats.parse_output(data["raw"], data["output_format"], data["json_schema"])
+        return formats.parse_output(data["raw"], data["output_format"], data["json_schema"], data["language"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ MAX_SCHEMA_ERRORS = 20
 MAX_JSON_CANDIDATES = 50
 REPAIR_QUOTE_CHARS = 1000
 
-_FENCE = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})[ \t]*([^\s`]*)[^\n]*$", re.MULTILINE)
+_FENCE = re.compile(r"^([ \t]{0,3})(`{3,}|~{3,})[ \t]*([^\s`]*)[^\n]*$", re.MULTILINE)
 _BLANK_RUN = re.compile(r"\n{3,}")
 _CLOSERS = {"{": "}", "[": "]"}
 
@@ -217,16 +218,21 @@ def backend_options(output_format: str, protocol: str, json_schema: dict | None 
     return {"response_format": {"type": "json_object"}}
 
 
-def parse_output(raw: str, output_format: str, json_schema: dict | None = None) -> ParsedOutput:
-    """Extract and check the value of a model's raw answer; invalid output is reported, never raised."""
+def parse_output(raw: str, output_format: str, json_schema: dict | None = None,
+                 language: str | None = None) -> ParsedOutput:
+    """Extract and check the value of a model's raw answer; invalid output is reported, never raised.
+
+    For code, the first block in the `language` asked for, else the first block."""
     check_format(output_format, json_schema)
+    if output_format != "text":
+        raw = raw.replace("\r\n", "\n").replace("\r", "\n")   # fences are found line by line
     if not raw.strip():
         return ParsedOutput(False, None if output_format == "json" else "",
                             [_reason("empty_output", "The model returned no content.")])
     if output_format == "json":
         return _parse_json(raw, json_schema)
     if output_format == "code":
-        return _parse_code(raw)
+        return _parse_code(raw, language)
     if output_format == "markdown":
         return _parse_markdown(raw)
     return ParsedOutput(True, raw.strip())
@@ -247,17 +253,24 @@ def code_blocks(text: str) -> list[CodeBlock]:
     blocks = []
     position = 0
     while opening := _FENCE.search(text, position):
-        marker, info = opening.group(1), opening.group(2)
+        indent, marker, info = opening.groups()
         start = opening.end() + 1
         closing = re.compile(rf"^[ \t]{{0,3}}{re.escape(marker[0])}{{{len(marker)},}}[ \t]*$", re.MULTILINE)
         end = closing.search(text, start)
-        content = text[start:end.start() if end else len(text)]
+        content = _dedented(text[start:end.start() if end else len(text)], len(indent))
         blocks.append(CodeBlock(info.lower() or None, content.rstrip("\n"), end is not None,
                                 opening.start(), end.end() if end else len(text)))
         if not end:
             break
         position = end.end()
     return blocks
+
+
+def _dedented(content: str, indent: int) -> str:
+    """A fence's content without the fence's own indent (a fence in a list item, say), as CommonMark reads it."""
+    if not indent:
+        return content
+    return "\n".join(re.sub(rf"^[ \t]{{0,{indent}}}", "", line) for line in content.split("\n"))
 
 
 def _describe(reason: dict) -> str:
@@ -305,7 +318,7 @@ def _extract_json(raw: str) -> tuple[Any, dict | None]:
 
 def _loads(text: str) -> tuple[Any, str | None]:
     try:
-        return json.loads(text, parse_constant=_reject_constant), None
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite), None
     except ValueError as error:
         return None, str(error)
     except RecursionError:
@@ -314,6 +327,15 @@ def _loads(text: str) -> tuple[Any, str | None]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; one beyond a float's range (1e400) would be infinity, which JSON
+    cannot hold: the answer would reach the caller as null."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
 
 
 def _json_spans(text: str):
@@ -367,8 +389,9 @@ def _schema_violations(value: Any, json_schema: dict) -> list[dict]:
     except UnsupportedPattern as error:
         # Only a pattern outside any subschema, reached through a $ref, gets past json_schema_problem.
         raise Unprocessable(_pattern_problem(error)) from error
-    except RecursionError as error:
-        raise Unprocessable("json_schema is nested too deeply to validate with.") from error
+    except RecursionError:
+        # The schema passed json_schema_problem: the depth is the answer's.
+        return [_reason("schema_violation", "The JSON is nested too deeply to check against the schema.")]
     return [_reason("schema_violation", error.message, _json_pointer(error.absolute_path))
             for error in errors[:MAX_SCHEMA_ERRORS]]
 
@@ -383,12 +406,13 @@ def _json_pointer(path) -> str:
     return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
 
 
-def _parse_code(raw: str) -> ParsedOutput:
+def _parse_code(raw: str, language: str | None) -> ParsedOutput:
     blocks = code_blocks(raw)
     if not blocks:
         return ParsedOutput(False, raw.strip(),
                             [_reason("no_code_block", "The output has no fenced code block.")])
-    block = blocks[0]
+    wanted = (language or "").strip().lower()
+    block = next((b for b in blocks if wanted and b.language == wanted), blocks[0])
     reasons = []
     if not block.closed:
         reasons.append(_reason("unclosed_code_block", "The code block is not closed (truncated output?)."))
@@ -398,7 +422,7 @@ def _parse_code(raw: str) -> ParsedOutput:
 
 
 def _parse_markdown(raw: str) -> ParsedOutput:
-    text = raw.replace("\r\n", "\n").replace("\r", "\n").strip()
+    text = raw.strip()
     blocks = code_blocks(text)
     # Small models often wrap a whole Markdown answer in one ```markdown fence.
     if len(blocks) == 1 and blocks[0].language in ("markdown", "md") and blocks[0].closed \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
@@ -189,7 +190,21 @@ def _was_or_were(keys: list[str]) -> str:
     return "was" if len(keys) == 1 else "were"
 
 
+_stock_multiple_of = Draft202012Validator.VALIDATORS["multipleOf"]
+
+
+def _multiple_of(validator, multiple: Any, instance: Any, schema: dict) -> Iterator[ValidationError]:
+    """jsonschema's multipleOf, exact where a float meets an integer too large for one (a model can
+    write a 400-digit number): jsonschema raises OverflowError there."""
+    try:
+        yield from _stock_multiple_of(validator, multiple, instance, schema)
+    except OverflowError:
+        if (Fraction(instance) / Fraction(multiple)).denominator != 1:
+            yield ValidationError(f"{instance!r} is not a multiple of {multiple}")
+
+
 Re2Validator = validators.extend(Draft202012Validator, {
+    "multipleOf": _multiple_of,
     "pattern": _pattern,
     "patternProperties": _pattern_properties,
     "additionalProperties": _additional_properties,

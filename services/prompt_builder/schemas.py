@@ -142,6 +142,8 @@ class ParseRequestSchema(Schema):
     raw = fields.String(required=True, validate=validate.Length(max=MAX_RAW_CHARS))
     output_format = fields.String(required=True, validate=validate.OneOf(formats.FORMATS))
     json_schema = fields.Dict(load_default=None, allow_none=True, metadata=JSON_SCHEMA_DOC)
+    language = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=100), metadata={
+        "description": "For code: the block in this language is taken, else the first block"})
 
     @validates_schema
     def _check_json_schema(self, data: dict, **kwargs) -> None:

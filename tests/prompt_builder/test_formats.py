@@ -105,6 +105,31 @@ def test_bad_json_is_reported_not_raised(raw, reasons):
     assert parse_output(raw, "json") == ParsedOutput(False, None, reasons)
 
 
+def test_a_number_too_large_for_a_float_is_a_syntax_error_not_infinity():
+    """Infinity is no JSON: the answer would reach the caller as null, which the schema may forbid."""
+    result = parse_output('{"x": 1e400}', "json", {"properties": {"x": {"type": "number"}}})
+    assert result == ParsedOutput(False, None, [
+        {"code": "json_syntax", "message": "The JSON does not parse: the number 1e400 is too large"}])
+    assert parse_output('{"x": 1.5e300}', "json").value == {"x": 1.5e300}
+
+
+@pytest.mark.parametrize("raw, schema, valid", [
+    ('{"n": 1' + "0" * 400 + "}", {"properties": {"n": {"multipleOf": 0.5}}}, True),
+    ('{"n": 1' + "0" * 400 + "1}", {"properties": {"n": {"multipleOf": 0.5}}}, True),
+    ('{"n": 1' + "0" * 400 + "1}", {"properties": {"n": {"multipleOf": 2.0}}}, False),
+    ('{"n": 1e308}', {"properties": {"n": {"multipleOf": 10 ** 400}}}, False),
+])
+def test_multiple_of_is_exact_where_floats_overflow(raw, schema, valid):
+    assert parse_output(raw, "json", schema).valid is valid
+
+
+def test_an_answer_nested_too_deeply_for_its_schema_is_invalid_output_not_a_bad_request():
+    nested = {"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}
+    result = parse_output("[" * 300 + "]" * 300, "json", nested)
+    assert (result.valid, result.reasons) == (False, [
+        {"code": "schema_violation", "message": "The JSON is nested too deeply to check against the schema."}])
+
+
 def test_schema_violations_carry_json_pointer_paths():
     schema = {"type": "object", "properties": {
         "items": {"type": "array", "items": {"type": "object", "properties": {"n/m": {"type": "integer"}}}},
@@ -360,6 +385,21 @@ def test_a_pattern_reached_only_through_a_reference_is_refused_up_front_and_when
 ])
 def test_code_is_taken_from_the_first_fenced_block(raw, expected):
     assert parse_output(raw, "code") == expected
+
+
+def test_code_in_the_language_asked_for_is_preferred():
+    raw = "Install it:\n```bash\npip install requests\n```\nThen:\n```python\nimport requests\n```"
+    assert parse_output(raw, "code", language="Python") == ParsedOutput(True, "import requests", [], "python")
+    assert parse_output(raw, "code", language="rust").value == "pip install requests"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("```python\r\nprint(1)\r\n```\r\n", "print(1)"),
+    # In a list item, the fence's indent is not the code's (CommonMark).
+    ("1. Do this:\n   ```python\n   def f():\n       return 1\n   ```", "def f():\n    return 1"),
+])
+def test_code_blocks_with_crlf_or_an_indented_fence_come_out_as_written(raw, expected):
+    assert parse_output(raw, "code") == ParsedOutput(True, expected, [], "python")
 
 
 # --- markdown and text ---------------------------------------------------------------------------
