@@ -95,6 +95,11 @@ class DispatchRequest:
         """The text the template wraps: the prompt, or the last user message of a chat."""
         return self.prompt if self.prompt is not None else self.messages[-1]["content"]
 
+    @property
+    def history_chars(self) -> int:
+        """The characters of the chat turns sent before the templated one."""
+        return sum(len(message["content"]) for message in self.messages[:-1])
+
 
 @dataclass
 class Attempt:
@@ -633,14 +638,15 @@ def prompt_request(request: DispatchRequest, model: dict, settings: Settings) ->
     return PromptRequest(prompt=request.user_text, task_type=request.task_type,
                          model=_label(model), protocol=model["protocol"],
                          output_format=request.output_format, json_schema=request.json_schema,
-                         variables=request.variables, max_prompt_chars=settings.max_prompt_chars)
+                         variables=request.variables, max_prompt_chars=settings.max_prompt_chars,
+                         history_chars=request.history_chars)
 
 
 def check_admissible(payload: dict, settings: Settings) -> None:
     """Refuse now, before recording it, a request every attempt would refuse: a prompt over the size
     limit (PayloadTooLarge; its template adds to it, so one just under may still fail then)."""
     request = DispatchRequest.from_payload(payload)
-    check_prompt_size(request.user_text, request.variables, settings.max_prompt_chars)
+    check_prompt_size(request.user_text, request.variables, settings.max_prompt_chars, request.history_chars)
 
 
 def conversation(request: DispatchRequest, built: BuiltPrompt, repair_of: Outcome | None) -> list[dict]:

@@ -47,6 +47,7 @@ class PromptRequest:
     json_schema: dict | None = None
     variables: Mapping[str, str] = field(default_factory=dict)
     max_prompt_chars: int = Settings.max_prompt_chars
+    history_chars: int = 0   # earlier chat turns sent along with the prompt: they count against the limit
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,7 @@ def build_prompt(conn: psycopg.Connection, request: PromptRequest | Mapping[str,
               "task_type": request.task_type, "model": request.model, "model_family": family}
     system, user = _render_parts(template, values)
     text = f"{system}\n\n{user}" if system else user
-    _check_size(len(text), request.max_prompt_chars)
+    _check_size(len(text) + request.history_chars, request.max_prompt_chars)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return BuiltPrompt(
         messages=messages,
@@ -316,12 +317,13 @@ def _check_request(request: PromptRequest) -> None:
     if not all(isinstance(value, str) for value in request.variables.values()):
         raise Unprocessable("Variable values must be strings.")
     # Before rendering, so an oversized request costs no work.
-    check_prompt_size(request.prompt, request.variables, request.max_prompt_chars)
+    check_prompt_size(request.prompt, request.variables, request.max_prompt_chars, request.history_chars)
 
 
-def check_prompt_size(prompt: str, variables: Mapping[str, str], limit: int) -> None:
-    """PayloadTooLarge when the text a template is to wrap is over `limit` characters already."""
-    _check_size(len(prompt) + sum(map(len, variables.values())), limit)
+def check_prompt_size(prompt: str, variables: Mapping[str, str], limit: int, history_chars: int = 0) -> None:
+    """PayloadTooLarge when the text a template is to wrap (with the chat turns sent along) is over
+    `limit` characters already."""
+    _check_size(len(prompt) + sum(map(len, variables.values())) + history_chars, limit)
 
 
 def _check_size(size: int, limit: int) -> None:

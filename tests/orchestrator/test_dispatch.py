@@ -383,6 +383,13 @@ def test_a_prompt_over_the_limit_is_a_413_and_blames_no_model(make_app, settings
     assert performance_rows(conn, wrapped.headers["X-Request-ID"]) == []
     assert not [r for r in fake_server.requests if r["method"] == "POST"]
 
+    # Earlier chat turns go to the model too: they count.
+    history = [{"role": "user", "content": "y" * 40}, {"role": "assistant", "content": "z" * 20},
+               {"role": "user", "content": "hi"}]
+    chat = client.post("/dispatch", json={"messages": history, "task_type": "question-answering",
+                                          "async": True})
+    assert (chat.status_code, chat.get_json()["detail"]) == (413, "The prompt is 62 characters; the limit is 60.")
+
 
 def test_invalid_output_is_repaired_once_then_escalated_to_a_stronger_model(client, conn):
     with FakeModelServer(reply="forty-two") as weak, FakeModelServer(reply='{"answer": 42}') as strong:
