@@ -84,6 +84,14 @@ class TemplateCreateSchema(Schema):
     description = fields.String(load_default="", validate=validate.Length(max=MAX_DESCRIPTION_CHARS))
     active = fields.Boolean(load_default=True)
 
+    @validates_schema
+    def _global_default_is_for_every_family(self, data: dict, **kwargs) -> None:
+        # No request resolves to (default, family): a family's templates are per task type.
+        family = data.get("model_family", templates.DEFAULT)
+        if data.get("task_type") == templates.DEFAULT and family != templates.DEFAULT:
+            raise ValidationError("A model family's template needs a task type: with task_type default, "
+                                  "model_family must be default.", "model_family")
+
 
 class TemplatePatchSchema(Schema):
     system_template = _system_template()

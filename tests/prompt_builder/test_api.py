@@ -100,6 +100,9 @@ def test_create_then_conflict(client):
         "model_family": ["String does not match expected pattern."],
         "user_template": ["Length must be between 1 and 20000.", "the user template must contain {prompt}"],
         "extra": ["Unknown field."]}),
+    ({"task_type": "default", "model_family": "llama2", "user_template": "{prompt}"}, {
+        "model_family": ["A model family's template needs a task type: with task_type default, "
+                         "model_family must be default."]}),
 ])
 def test_create_validates_templates(client, body, errors):
     response = client.post("/templates", json=body)
