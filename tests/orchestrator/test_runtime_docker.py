@@ -131,14 +131,28 @@ def test_a_missing_image_is_a_clear_start_error(docker_api, driver):
     assert str(raised.value) == "image ollama/ollama is not on the Docker host; load or pull it there first"
 
 
-def test_a_refused_start_says_what_docker_said(docker_api, driver):
+def test_a_refused_start_says_what_docker_said_and_removes_the_container(docker_api, driver):
     docker_api.post(f"{API}/containers/create", status=201, json={"Id": "c1", "Warnings": []})
     docker_api.get(f"{API}/containers/c1/json", json=inspect())
     docker_api.post(f"{API}/containers/c1/start", status=500,
                     json={"message": "cannot set memory limit: cgroup not mounted"})
+    removed = docker_api.delete(f"{API}/containers/c1", status=204,
+                                match=[matchers.query_param_matcher({"v": "False", "link": "False", "force": "True"})])
 
     with pytest.raises(RuntimeStartError, match="Docker could not start ollama/ollama: cannot set memory limit"):
         driver.start(RUNTIME, MODEL, ALLOCATION)
+    assert removed.call_count == 1
+
+
+def test_a_started_container_without_a_published_port_is_removed(docker_api, driver):
+    docker_api.post(f"{API}/containers/create", status=201, json={"Id": "c1", "Warnings": []})
+    docker_api.get(f"{API}/containers/c1/json", json={**inspect(), "NetworkSettings": {"Ports": {}}})
+    docker_api.post(f"{API}/containers/c1/start", status=204)
+    removed = docker_api.delete(f"{API}/containers/c1", status=204)
+
+    with pytest.raises(RuntimeStartError, match="Docker published no host port for container port 11434"):
+        driver.start(RUNTIME, MODEL, ALLOCATION)
+    assert removed.call_count == 1
 
 
 def test_is_running_inspects_the_container(docker_api, driver):

@@ -19,6 +19,7 @@ values may name {host}, {port} and the allocation's {threads}, {parallel_slots},
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import cached_property
 
@@ -41,6 +42,8 @@ LABEL_RUNTIME = "dispatcher.runtime_id"
 STOP_TIMEOUT_S = 10
 MIN_API_VERSION = "1.41"  # Docker 20.10, Debian bookworm's docker.io
 _FAILURES = (DockerException, requests.RequestException)
+
+logger = logging.getLogger(__name__)
 
 
 class DockerDriver:
@@ -93,14 +96,22 @@ class DockerDriver:
             options["ports"] = {f"{port}/tcp": ("127.0.0.1", None)}  # Docker picks the host port
         try:
             container = self.client.containers.create(image, command, **options)
-            container.start()
-            container.reload()
         except ImageNotFound as exc:
             raise RuntimeStartError(f"image {image} is not on the Docker host; load or pull it there first") from exc
         except _FAILURES as exc:
             raise RuntimeStartError(f"Docker could not start {image}: {_explain(exc)}") from exc
+        try:
+            container.start()
+            container.reload()
+            host_port = _published_port(container.attrs, port) if mode == "published" else port
+        except Exception as exc:
+            # The row never learns its id: left, the container would hold its limits (and its name,
+            # which a restart of the row needs) until a reconcile.
+            _remove_quietly(container)
+            if isinstance(exc, _FAILURES):
+                raise RuntimeStartError(f"Docker could not start {image}: {_explain(exc)}") from exc
+            raise
         host = name if mode == "network" else "127.0.0.1"
-        host_port = _published_port(container.attrs, port) if mode == "published" else port
         return Launched(endpoint=f"http://{host}:{host_port}", host=host, port=host_port, container_id=container.id,
                         driver_state={"image": image, "container_name": name,
                                       "network_mode": {"host": "host", "network": self.network}.get(mode, "bridge")})
@@ -181,6 +192,13 @@ def _exit_note(state: dict) -> str:
         return ""
     oom = ", killed for going over its memory limit (OOMKilled)" if state.get("OOMKilled") else ""
     return f"[container exited with code {state.get('ExitCode')}{oom}]\n"
+
+
+def _remove_quietly(container) -> None:
+    try:
+        container.remove(force=True)
+    except _FAILURES:
+        logger.warning("could not remove a container that failed to start", extra={"container_id": container.id})
 
 
 def _published_port(attrs: dict, container_port: int) -> int:
