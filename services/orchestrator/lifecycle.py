@@ -36,6 +36,7 @@ PROBE_CONNECT_TIMEOUT_S = 0.5
 ALIVE_CHECK_INTERVAL_S = 0.2
 WAIT_INTERVAL_S = 0.02
 DRAIN_TIMEOUT_S = 30.0
+STOP_ABANDONED_S = DRAIN_TIMEOUT_S + 60.0   # a stop that takes longer was abandoned by its process
 MAX_RESTARTS = 3
 SCALE_UP_PENDING_PER_REPLICA = 4
 PULL_PROGRESS_INTERVAL_S = 0.5
@@ -86,8 +87,12 @@ def acquire_runtime(db: Database, runtime_id: str, holder: Holder | None = None)
 
 
 def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: Holder | None = None, *,
-                    performance: dict | None = None, result: dict | None = None) -> dict | None:
+                    performance: dict | None = None, result: dict | None = None,
+                    ready_at: datetime | None = None) -> dict | None:
     """Count a request as finished; a model with keep-alive 0 stops as soon as it is idle.
+
+    Without a holder, the request is taken off the count of the run it was counted on (the
+    runtime's `ready_at` then): after a restart, the new run's count is not the old one's.
 
     `performance`, the attempt's performance_logs row, is written by the same statement; if it
     cannot be written, the runtime is released all the same (a lost log row must not keep it busy).
@@ -97,14 +102,14 @@ def release_runtime(db: Database, runtime_id: str, settings: Settings, holder: H
     """
     try:
         with db.connection(autocommit=True) as conn:
-            row = queries.release(conn, runtime_id, holder, performance, result)
+            row = queries.release(conn, runtime_id, holder, performance, result, ready_at=ready_at)
     except Exception as error:  # whatever kept the attempt's record out, the release itself must happen
         if performance is None and result is None:
             raise
         logger.exception("could not record the attempt; releasing its runtime without it",
                          extra={"runtime_id": str(runtime_id)})
         with db.connection(autocommit=True) as conn:
-            row = queries.release(conn, runtime_id, holder)
+            row = queries.release(conn, runtime_id, holder, ready_at=ready_at)
             if row is not None and result is not None and holder is not None:
                 why = _first_line(str(error), type(error).__name__)
                 failure = {"error": "unrecordable_answer", "detail": f"The answer could not be recorded: {why}"}
@@ -169,7 +174,7 @@ def leased_runtime(db: Database, model_id: str, settings: Settings, *, holder: H
     try:
         yield runtime
     finally:
-        release_runtime(db, runtime["id"], settings, holder)
+        release_runtime(db, runtime["id"], settings, holder, ready_at=runtime["ready_at"])
 
 
 @dataclass
@@ -206,16 +211,22 @@ def _claim(db: Database, model: dict, allocation: Allocation, settings: Settings
         abandoned = [queries.mark_error(conn, row["id"], "abandoned: its start outlived the start timeout",
                                         ("starting",))
                      for row in queries.stale_starting_runtimes(conn, timeout) if row["model_id"] == model["id"]]
-        live = [row for row in queries.live_runtimes(conn, model_id=model["id"])
-                if row["status"] in ("starting", "running")]
-        if len(live) >= model["max_replicas"]:
-            raise Conflict(f"model {_label(model)} already runs {len(live)} of its {model['max_replicas']} "
-                           "replicas", model_id=str(model["id"]))
-        evicted = _make_room(conn, model, allocation, settings) if driver.manages_lifecycle else []
+        evicted = _admit(conn, model, allocation, settings, driver)
         runtime = queries.insert_runtime(conn, model["id"], model["runtime_driver"], allocation, {
             "allocation": allocation, "start_timeout_s": timeout,
             "max_restarts": int(model["runtime_config"].get("max_restarts", MAX_RESTARTS))})
     return _Claim(runtime, mine=True, to_stop=[row for row in abandoned if row] + evicted)
+
+
+def _admit(conn, model: dict, allocation: Allocation, settings: Settings, driver: RuntimeDriver) -> list[dict]:
+    """Under the model's start lock, before a runtime of it starts (or starts again): Conflict at
+    max_replicas; room made on the host for a managed one. The runtimes evicted for it, to stop."""
+    live = [row for row in queries.live_runtimes(conn, model_id=model["id"])
+            if row["status"] in ("starting", "running")]
+    if len(live) >= model["max_replicas"]:
+        raise Conflict(f"model {_label(model)} already runs {len(live)} of its {model['max_replicas']} "
+                       "replicas", model_id=str(model["id"]))
+    return _make_room(conn, model, allocation, settings) if driver.manages_lifecycle else []
 
 
 def _make_room(conn, model: dict, allocation: Allocation, settings: Settings) -> list[dict]:
@@ -307,7 +318,8 @@ def _listening(endpoint: str) -> bool:
     probe, so frequent probes do not steal CPU from a server that is loading its model."""
     parts = urlsplit(endpoint)
     try:
-        with socket.create_connection((parts.hostname, parts.port or 80), timeout=PROBE_CONNECT_TIMEOUT_S):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=PROBE_CONNECT_TIMEOUT_S):
             return True
     except OSError:
         return False
@@ -365,8 +377,9 @@ def stop_runtime(db: Database, runtime_id: str, settings: Settings, *,
     if row["status"] == "stopped":
         return row
     with db.connection() as conn:
-        draining = queries.transition(conn, runtime_id, "draining", ("running", "starting"))
-    if draining:
+        queries.transition(conn, runtime_id, "draining", ("running", "starting"))
+        row = queries.get_runtime(conn, runtime_id)
+    if row is not None and row["status"] == "draining":   # by this call, or by a stop under way already
         deadline = time.monotonic() + drain_timeout_s
         while time.monotonic() < deadline:
             with db.connection() as conn:
@@ -389,11 +402,15 @@ def restart_runtime(db: Database, runtime_id: str, settings: Settings) -> dict:
     driver = _driver(row["driver"], settings)
     if row["status"] == "error":
         _stop_quietly(driver, row)  # whatever is left of it
-    with db.connection() as conn:
-        restarting = queries.begin_restart(conn, runtime_id)
-    if restarting is None:
-        raise Conflict(f"runtime {runtime_id} is being changed by another request", runtime_id=str(runtime_id))
     allocation = row["driver_state"].get("allocation") or allocation_for(model, 1.0, settings)
+    with db.connection() as conn:
+        queries.lock_model_start(conn, model["id"])
+        evicted = _admit(conn, model, allocation, settings, driver)
+        restarting = queries.begin_restart(conn, runtime_id)
+        if restarting is None:   # raising rolls the evictions back
+            raise Conflict(f"runtime {runtime_id} is being changed by another request", runtime_id=str(runtime_id))
+    for runtime in evicted:
+        _finish_stop(db, runtime, settings)
     return _launch(db, driver, model, restarting, allocation)
 
 
@@ -422,7 +439,11 @@ def reap_idle(db: Database, settings: Settings) -> list[dict]:
         expired = queries.idle_expired_runtimes(conn, settings.default_keep_alive_s)
     actions = []
     for row in expired:
-        if _stop_if_idle(db, row["id"], settings):
+        # Checked again as it stops: stopping the ones before it may have taken seconds.
+        with db.connection() as conn:
+            stopping = queries.begin_stop_if_expired(conn, row["id"], settings.default_keep_alive_s)
+        if stopping:
+            _finish_stop(db, stopping, settings)
             actions.append(_action(row, "stopped", f"idle since {row['last_activity'].isoformat()}"))
     return actions
 
@@ -433,6 +454,9 @@ def check_health(db: Database, settings: Settings) -> dict:
         running = queries.list_runtimes(conn, status="running", limit=10_000)
         stale = [row for row in queries.stale_starting_runtimes(conn, 0)
                  if _age_s(row["updated_at"]) > _start_timeout_for(row)]
+        # A stop that its process did not live to finish: the server may still run, holding its share.
+        stuck = [row for row in queries.live_runtimes(conn)
+                 if row["status"] in ("draining", "stopping") and _age_s(row["updated_at"]) > STOP_ABANDONED_S]
     actions, healthy = [], 0
     for row in running:
         action = _check_one(db, row, settings)
@@ -446,6 +470,9 @@ def check_health(db: Database, settings: Settings) -> dict:
         if failed:
             _finish_stop(db, failed, settings)
             actions.append(_action(row, "abandoned", "start outlived the start timeout"))
+    for row in stuck:
+        _finish_stop(db, row, settings)
+        actions.append(_action(row, "stop_finished", f"left {row['status']} since {row['updated_at'].isoformat()}"))
     return {"checked": len(running), "healthy": healthy, "actions": actions}
 
 

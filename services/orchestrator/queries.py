@@ -1,6 +1,8 @@
 """SQL of the orchestrator: runtimes (`container_lifecycle`), the models they serve, queue pressure."""
 from __future__ import annotations
 
+from datetime import datetime
+
 import psycopg
 from psycopg.types.json import Jsonb
 
@@ -243,6 +245,18 @@ def begin_stop_if_idle(conn: psycopg.Connection, runtime_id: str) -> dict | None
     """, {"id": runtime_id})
 
 
+def begin_stop_if_expired(conn: psycopg.Connection, runtime_id: str, default_keep_alive_s: int) -> dict | None:
+    """running -> stopping, only while idle for longer than its model's keep-alive (-1 never)."""
+    return _runtime_returning(conn, """
+        UPDATE container_lifecycle r SET status = 'stopping'
+        FROM model_registry m
+        WHERE r.id = %(id)s AND m.id = r.model_id AND r.status = 'running' AND r.active_requests = 0
+          AND coalesce(m.keep_alive_seconds, %(default)s) >= 0
+          AND r.last_activity <= now() - make_interval(secs => coalesce(m.keep_alive_seconds, %(default)s))
+        RETURNING r.id
+    """, {"id": runtime_id, "default": default_keep_alive_s})
+
+
 def mark_stopped(conn: psycopg.Connection, runtime_id: str) -> dict | None:
     return _runtime_returning(conn, """
         UPDATE container_lifecycle
@@ -358,15 +372,18 @@ ADMITTED = """admitted AS (
 
 
 def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = None,
-            performance: dict | None = None, result: dict | None = None) -> dict | None:
+            performance: dict | None = None, result: dict | None = None, *,
+            ready_at: datetime | None = None) -> dict | None:
     """Count a request as finished; also says the model's keep-alive (0 stops at once).
 
     With a holder, the count drops only if its request still holds the runtime under the holder's
     lease: a request whose lease was reclaimed meanwhile has already given it back. `performance`
     is a performance_logs row written by the same statement; with a `result`, the same statement
     also completes the request (`completed` says whether it did: only while the lease is held).
+    Without a holder, with `ready_at`, only while the runtime is still in the run it was counted on.
     """
-    params: dict = {"id": runtime_id}
+    params: dict = {"id": runtime_id, "ready_at": ready_at}
+    same_run = " AND r.ready_at IS NOT DISTINCT FROM %(ready_at)s" if holder is None and ready_at else ""
     steps, drop, completed, unflushed = [], "1", "false", False
     if holder is not None and holder.admission is not None:
         # A sync request's end is unflushed: its caller holds the answer; a crash of Postgres
@@ -408,7 +425,7 @@ def release(conn: psycopg.Connection, runtime_id: str, holder: Holder | None = N
             SET active_requests = greatest(r.active_requests - {drop}, 0), last_activity = now(),
                 total_requests = r.total_requests + %(uncounted)s
             FROM model_registry m {", unflushed" if unflushed else ""}
-            WHERE r.id = %(id)s AND m.id = r.model_id
+            WHERE r.id = %(id)s AND m.id = r.model_id{same_run}
             RETURNING r.id, r.model_id, r.active_requests, r.status, m.keep_alive_seconds, {completed} AS completed
         """, {**params, "uncounted": uncounted})
     if inheritance is not None:

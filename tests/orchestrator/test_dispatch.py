@@ -248,10 +248,10 @@ def test_an_answer_that_cannot_be_recorded_still_frees_its_runtime(client, conn,
     model = served_by(conn, fake_server)
     release = queries.release
 
-    def refusing(conn, runtime_id, holder=None, performance=None, result=None):
+    def refusing(conn, runtime_id, holder=None, performance=None, result=None, **kwargs):
         if result is not None:
             raise error
-        return release(conn, runtime_id, holder, performance, result)
+        return release(conn, runtime_id, holder, performance, result, **kwargs)
 
     monkeypatch.setattr(queries, "release", refusing)
     response = client.post("/dispatch", json=dispatch_body())
@@ -705,10 +705,10 @@ def test_an_answer_that_cannot_be_recorded_fails_its_request_instead_of_running_
     served_by(conn, fake_server)
     release = queries.release
 
-    def release_refusing_results(conn, runtime_id, holder=None, performance=None, result=None):
+    def release_refusing_results(conn, runtime_id, holder=None, performance=None, result=None, **kwargs):
         if result is not None:
             raise psycopg.errors.DataException("jsonb refuses this answer\nDETAIL: internals")
-        return release(conn, runtime_id, holder, performance, result)
+        return release(conn, runtime_id, holder, performance, result, **kwargs)
 
     monkeypatch.setattr(queries, "release", release_refusing_results)
     request_id = client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]

@@ -285,3 +285,135 @@ def test_autoscale_stops_at_max_replicas(db, conn, settings, fake_server):
 
     assert lifecycle.autoscale(db, settings) == [{"model_id": model["id"], "runtime_id": None, "action": "at_max",
                                                   "detail": "2 pending; already 1 of 1"}]
+
+
+# --- stops, restarts and counts under concurrency (review findings) ------------------------------
+
+def test_a_second_stop_waits_for_the_drain_the_first_began(pooled_db, fresh_settings, fake_server):
+    import threading
+    import time
+
+    with pooled_db.connection() as conn:
+        model = insert_model(conn, runtime_config={"endpoint": fake_server.url, "model_alias": "fake"})
+    runtime = lifecycle.ensure_runtime(pooled_db, model["id"], fresh_settings)
+    lifecycle.acquire_runtime(pooled_db, runtime["id"])   # a request runs on it
+    first = threading.Thread(target=lifecycle.stop_runtime, args=(pooled_db, runtime["id"], fresh_settings),
+                             kwargs={"drain_timeout_s": 5})
+    first.start()
+    deadline = time.monotonic() + 5
+    while lifecycle.get_runtime(pooled_db, runtime["id"])["status"] != "draining" and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    released = threading.Event()
+
+    def request_ends() -> None:
+        time.sleep(0.3)
+        lifecycle.release_runtime(pooled_db, runtime["id"], fresh_settings)
+        released.set()
+
+    ending = threading.Thread(target=request_ends)
+    ending.start()
+    second = lifecycle.stop_runtime(pooled_db, runtime["id"], fresh_settings, drain_timeout_s=5)
+    stopped_after_the_request = released.is_set()
+    ending.join()
+    first.join()
+
+    assert stopped_after_the_request and second["status"] == "stopped"
+
+
+def test_a_restart_keeps_to_max_replicas(db, conn, settings, fake_server):
+    model = insert_model(conn, runtime_config={"endpoint": fake_server.url, "model_alias": "fake"}, max_replicas=1)
+    first = lifecycle.ensure_runtime(db, model["id"], settings)
+    lifecycle.stop_runtime(db, first["id"], settings)
+    lifecycle.ensure_runtime(db, model["id"], settings)   # the next request started another
+
+    with pytest.raises(Conflict, match="already runs 1 of its 1 replicas"):
+        lifecycle.restart_runtime(db, first["id"], settings)
+    assert runtime_row(conn, first["id"])["status"] == "stopped"
+
+
+def test_a_restart_makes_room_on_the_host_or_is_refused(db, conn, settings):
+    from orchestrator_helpers import fake_process_model
+
+    settings = replace(settings, runtime_drivers=("process", "external"), host_memory_mb=1024)
+    big, other = fake_process_model(conn, base_memory_requirement=768), fake_process_model(conn, base_memory_requirement=512)
+    first = lifecycle.ensure_runtime(db, big["id"], settings)
+    lifecycle.stop_runtime(db, first["id"], settings)
+    busy = lifecycle.ensure_runtime(db, other["id"], settings)
+    lifecycle.acquire_runtime(db, busy["id"])   # busy: not to be evicted
+    try:
+        with pytest.raises(RuntimeUnavailable, match="the host has no room"):
+            lifecycle.restart_runtime(db, first["id"], settings)
+        assert queries.host_usage(conn)["memory_mb"] <= 1024
+        lifecycle.release_runtime(db, busy["id"], settings)
+
+        restarted = lifecycle.restart_runtime(db, first["id"], settings)   # the idle one is evicted now
+        assert (restarted["status"], runtime_row(conn, busy["id"])["status"]) == ("running", "stopped")
+    finally:
+        for row in queries.live_runtimes(conn):
+            lifecycle.stop_runtime(db, row["id"], settings)
+
+
+@pytest.mark.parametrize("status", ["draining", "stopping"])
+def test_a_stop_its_process_did_not_finish_is_finished_by_the_health_check(db, conn, settings, status,
+                                                                          monkeypatch):
+    from orchestrator_helpers import fake_process_model
+    from services.orchestrator.runtimes.process import process_start_time
+
+    settings = replace(settings, runtime_drivers=("process", "external"))
+    runtime = lifecycle.ensure_runtime(db, fake_process_model(conn)["id"], settings)
+    conn.execute("UPDATE container_lifecycle SET status = %s WHERE id = %s", (status, runtime["id"]))
+    monkeypatch.setattr(lifecycle, "STOP_ABANDONED_S", -1.0)   # its stopper died long ago
+
+    actions = lifecycle.check_health(db, settings)["actions"]
+
+    assert [a["action"] for a in actions] == ["stop_finished"]
+    assert runtime_row(conn, runtime["id"])["status"] == "stopped"
+    assert process_start_time(runtime["pid"]) is None
+
+
+def test_the_reaper_leaves_a_runtime_used_since_it_listed_it(db, conn, settings, fake_server, monkeypatch):
+    model = insert_model(conn, runtime_config={"endpoint": fake_server.url, "model_alias": "fake"},
+                         keep_alive_seconds=300)
+    runtime = lifecycle.ensure_runtime(db, model["id"], settings)
+    age(conn, runtime["id"], 600)
+    listed = queries.idle_expired_runtimes
+
+    def a_request_runs_meanwhile(*args):
+        rows = listed(*args)
+        lifecycle.release_runtime(db, lifecycle.acquire_runtime(db, runtime["id"])["id"], settings)
+        return rows
+
+    monkeypatch.setattr(queries, "idle_expired_runtimes", a_request_runs_meanwhile)
+    assert lifecycle.reap_idle(db, settings) == []
+    assert runtime_row(conn, runtime["id"])["status"] == "running"
+
+
+def test_a_release_without_a_holder_counts_off_only_the_run_it_was_counted_on(db, conn, settings, fake_server):
+    model = insert_model(conn, runtime_config={"endpoint": fake_server.url, "model_alias": "fake"},
+                         keep_alive_seconds=0)
+    runtime = lifecycle.ensure_runtime(db, model["id"], settings)
+    old = lifecycle.acquire_runtime(db, runtime["id"])   # a long POST /generate
+    lifecycle.stop_runtime(db, runtime["id"], settings, drain_timeout_s=0.1)   # its drain timed out
+    lifecycle.restart_runtime(db, runtime["id"], settings)
+    lifecycle.acquire_runtime(db, runtime["id"])   # another request runs on the new run
+
+    lifecycle.release_runtime(db, old["id"], settings, ready_at=old["ready_at"])   # the long one ends
+
+    row = runtime_row(conn, runtime["id"])
+    assert (row["status"], row["active_requests"]) == ("running", 1)
+
+
+def test_an_https_endpoint_without_a_port_is_probed_on_443(monkeypatch):
+    import socket
+
+    dialled = []
+
+    def create_connection(address, timeout):
+        dialled.append(address)
+        raise OSError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    lifecycle._listening("https://models.example")
+    lifecycle._listening("http://models.example")
+    assert dialled == [("models.example", 443), ("models.example", 80)]
