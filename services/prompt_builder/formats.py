@@ -286,34 +286,32 @@ def _reason(code: str, message: str, path: str | None = None) -> dict:
 
 
 def _parse_json(raw: str, json_schema: dict | None) -> ParsedOutput:
-    value, problem = _extract_json(raw)
-    if problem:
-        return ParsedOutput(False, None, [problem])
-    if json_schema is None:
-        return ParsedOutput(True, value)
-    violations = _schema_violations(value, json_schema)
-    return ParsedOutput(not violations, value, violations)
-
-
-def _extract_json(raw: str) -> tuple[Any, dict | None]:
-    """The JSON value of the whole text, else of a ```json fence, else the first balanced span in prose."""
-    candidates = [raw.strip()]
-    candidates += [block.content for block in code_blocks(raw) if block.language in (None, "json")]
-    first_error = None
-    for candidate in candidates:
-        value, error = _loads(candidate)
-        if error is None:
-            return value, None
-        if candidate.lstrip()[:1] in ("{", "[") and first_error is None:
-            first_error = error
-    for span in _json_spans(raw):
-        value, error = _loads(span)
-        if error is None:
-            return value, None
-        first_error = first_error or error
+    """The first JSON value found that conforms to the schema (a model's prose may hold other
+    brackets first: "see [1]"), else the first found, with its violations."""
+    first, first_error = None, None
+    for value, error, bracketed in _json_candidates(raw):
+        if error is not None:
+            if bracketed and first_error is None:
+                first_error = error
+            continue
+        violations = [] if json_schema is None else _schema_violations(value, json_schema)
+        if not violations:
+            return ParsedOutput(True, value)
+        first = first or ParsedOutput(False, value, violations)
+    if first is not None:
+        return first
     if first_error:
-        return None, _reason("json_syntax", f"The JSON does not parse: {first_error}")
-    return None, _reason("no_json_found", "No JSON object or array was found in the output.")
+        return ParsedOutput(False, None, [_reason("json_syntax", f"The JSON does not parse: {first_error}")])
+    return ParsedOutput(False, None, [_reason("no_json_found", "No JSON object or array was found in the output.")])
+
+
+def _json_candidates(raw: str) -> Iterator[tuple[Any, str | None, bool]]:
+    """(value, parse error, whether it looked like JSON) for the whole text, then each ```json fence,
+    then each balanced span in prose."""
+    for candidate in [raw.strip(), *(block.content for block in code_blocks(raw) if block.language in (None, "json"))]:
+        yield *_loads(candidate), candidate.lstrip()[:1] in ("{", "[")
+    for span in _json_spans(raw):
+        yield *_loads(span), True
 
 
 def _loads(text: str) -> tuple[Any, str | None]:
@@ -448,4 +446,8 @@ def _normalise_markdown(text: str, blocks: list[CodeBlock]) -> str:
 
 
 def _tidy_prose(text: str) -> str:
-    return _BLANK_RUN.sub("\n\n", "\n".join(line.rstrip() for line in text.split("\n")))
+    lines = text.split("\n")
+    # Two trailing spaces before a line of text are a hard line break: kept, as exactly two.
+    tidy = [line.rstrip() + ("  " if line.endswith("  ") and line.strip() and following.strip() else "")
+            for line, following in zip(lines, [*lines[1:], ""])]
+    return _BLANK_RUN.sub("\n\n", "\n".join(tidy))

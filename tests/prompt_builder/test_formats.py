@@ -130,6 +130,17 @@ def test_an_answer_nested_too_deeply_for_its_schema_is_invalid_output_not_a_bad_
         {"code": "schema_violation", "message": "The JSON is nested too deeply to check against the schema."}])
 
 
+@pytest.mark.parametrize("raw", [
+    'Per the rubric [1], here it is: {"score": 0.5}',
+    'Instead of an empty {} object: {"score": 0.5}',
+])
+def test_with_a_schema_the_first_json_that_conforms_is_taken(raw):
+    schema = {"type": "object", "required": ["score"]}
+    assert parse_output(raw, "json", schema) == ParsedOutput(True, {"score": 0.5})
+    # Without one that conforms, the first found is reported with what is wrong with it.
+    assert parse_output("See [1] and [2].", "json", schema).value == [1]
+
+
 def test_schema_violations_carry_json_pointer_paths():
     schema = {"type": "object", "properties": {
         "items": {"type": "array", "items": {"type": "object", "properties": {"n/m": {"type": "integer"}}}},
@@ -415,6 +426,11 @@ def test_code_blocks_with_crlf_or_an_indented_fence_come_out_as_written(raw, exp
 ])
 def test_markdown_is_normalised_outside_code_blocks(raw, expected):
     assert parse_output(raw, "markdown") == expected
+
+
+def test_markdown_hard_line_breaks_are_kept():
+    assert parse_output("Roses are red   \nViolets are blue  \n\nEnd", "markdown").value == (
+        "Roses are red  \nViolets are blue\n\nEnd")
 
 
 def test_text_is_trimmed_and_must_not_be_empty():
