@@ -336,7 +336,8 @@ def test_a_restart_makes_room_on_the_host_or_is_refused(db, conn, settings):
     from orchestrator_helpers import fake_process_model
 
     settings = replace(settings, runtime_drivers=("process", "external"), host_memory_mb=1024)
-    big, other = fake_process_model(conn, base_memory_requirement=768), fake_process_model(conn, base_memory_requirement=512)
+    big = fake_process_model(conn, base_memory_requirement=768)
+    other = fake_process_model(conn, base_memory_requirement=512)
     first = lifecycle.ensure_runtime(db, big["id"], settings)
     lifecycle.stop_runtime(db, first["id"], settings)
     busy = lifecycle.ensure_runtime(db, other["id"], settings)

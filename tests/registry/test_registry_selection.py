@@ -67,8 +67,8 @@ def test_measured_data_ranks_models_per_objective(empty):
 
 def rate(conn, model_id, count: int, score: float) -> None:
     for _ in range(count):
-        request_id = conn.execute("INSERT INTO request_queue (request_payload, task_type) VALUES ('{}', 'summarization')"
-                                  " RETURNING id").fetchone()["id"]
+        request_id = conn.execute("INSERT INTO request_queue (request_payload, task_type)"
+                                  " VALUES ('{}', 'summarization') RETURNING id").fetchone()["id"]
         conn.execute("INSERT INTO request_feedback (request_id, model_id, score) VALUES (%s, %s, %s)",
                      (request_id, model_id, score))
 
