@@ -1,4 +1,5 @@
-"""A Draft 2020-12 validator whose regexes run on RE2, in time linear in the text.
+"""A Draft 2020-12 validator whose regexes run on RE2, in time linear in the text (and whose
+multipleOf stays exact on numbers too large for a float, where jsonschema's raises).
 
 A caller's schema brings its own `pattern` / `patternProperties` regexes and a model writes the
 text they run on. Python's `re` backtracks: `^(a+)+$` against a long run of a's and a "!" takes
