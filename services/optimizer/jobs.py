@@ -34,12 +34,20 @@ class JobConfig:
     ranking_window_s: int = 86_400
     purge_batch_size: int = 5000
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            least = 1 if f.name in ("ranking_window_s", "purge_batch_size") else 0
+            if getattr(self, f.name) < least:   # a purge batch of 0 would delete nothing, for ever
+                raise ValueError(f"{self.env_name(f.name)} must be at least {least}, got {getattr(self, f.name)}")
+
+    @staticmethod
+    def env_name(field_name: str) -> str:
+        suffix = "" if field_name.endswith(("_s", "_size")) else "_INTERVAL_S"
+        return f"OPTIMIZER_{field_name.upper()}{suffix}"
+
     @classmethod
     def from_env(cls) -> JobConfig:
-        def name(field_name: str) -> str:
-            suffix = "" if field_name.endswith(("_s", "_size")) else "_INTERVAL_S"
-            return f"OPTIMIZER_{field_name.upper()}{suffix}"
-        return cls(**{f.name: env_int(name(f.name), f.default) for f in fields(cls)})
+        return cls(**{f.name: env_int(cls.env_name(f.name), f.default) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

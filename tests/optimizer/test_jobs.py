@@ -37,6 +37,14 @@ def test_job_table_ids_intervals_and_single_instances(db, session):
     }
 
 
+@pytest.mark.parametrize("name, value", [("OPTIMIZER_PURGE_BATCH_SIZE", "0"),
+                                         ("OPTIMIZER_OPTIMIZE_INTERVAL_S", "-1")])
+def test_a_setting_that_would_break_a_job_is_refused_at_start(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be at least"):
+        JobConfig.from_env()
+
+
 def test_intervals_come_from_the_environment(monkeypatch, db, session):
     monkeypatch.setenv("OPTIMIZER_OPTIMIZE_INTERVAL_S", "15")
     monkeypatch.setenv("OPTIMIZER_CHECK_RUNTIME_HEALTH_INTERVAL_S", "0")

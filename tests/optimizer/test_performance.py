@@ -60,6 +60,11 @@ def test_log_performance_rejects_unknown_columns(conn, models):
       "cpu_usage_percent": 10000, "colour": "red"},
      {"cpu_usage_percent": ["Must be greater than or equal to 0 and less than or equal to 9999.99."],
       "colour": ["Unknown field."]}),
+    # A row in the future would count in every window and outlive every purge.
+    ({"success": True, "processing_time_ms": 1, "task_type": "conversation", "model_id": str(uuid.uuid4()),
+      "logged_at": "2999-01-01T00:00:00Z"}, {"logged_at": ["Must not be in the future."]}),
+    ({"success": True, "processing_time_ms": 1, "task_type": "conversation", "model_id": str(uuid.uuid4()),
+      "logged_at": "1999-12-31T23:59:59Z"}, {"logged_at": ["Must be in 2000 or later."]}),
 ])
 def test_post_performance_rejects_bad_rows(client, body, errors):
     response = client.post("/performance", json=body)
