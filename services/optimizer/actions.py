@@ -1,12 +1,16 @@
 """Rule actions, carried out by the services that own the resources, over HTTP.
 
 An action is planned first (read-only: which models, how many replicas, which values) and then
-run call by call. Each mutating call carries the body that undoes it; when a call fails, the
-calls already made are undone in reverse order, so a failed action leaves nothing half-done.
+run call by call. A rule measured over several models acts only on those for which its conditions
+hold measured on each alone (`holds_for`): one busy model must not scale up its idle neighbours.
+Each mutating call carries the body that undoes it, an absolute state; when a call fails, it and
+the calls made before it are undone in reverse order (a failed scale may have started some
+replicas), so a failed action leaves nothing half-done.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import psycopg
@@ -52,13 +56,36 @@ class Plan:
         self.skipped.append({"model_id": None if model_id is None else str(model_id), "reason": reason})
 
 
+HoldsFor = Callable[[str], bool]
+
+
 def plan_action(conn: psycopg.Connection, session: requests.Session, settings: Settings,
-                rule: dict) -> Plan:
-    """The calls a rule's action would make now; raises ActionError when a lookup fails."""
+                rule: dict, holds_for: HoldsFor = lambda model_id: True) -> Plan:
+    """The calls a rule's action would make now, on the models in its scope that `holds_for`
+    accepts; raises ActionError when a lookup fails."""
     params = action_parameters(rule["action_type"], rule["action_parameters"])
     scope = scope_filter(rule["scope"], rule["scope_value"])
     planner = PLANNERS[rule["action_type"]]
-    return planner(conn, session, settings, params, scope, rule["window_seconds"])
+    plan = Plan()
+    planner(plan, _Targets(plan, holds_for), conn, session, settings, params, scope, rule["window_seconds"])
+    return plan
+
+
+@dataclass
+class _Targets:
+    """Filters a planner's targets through `holds_for`, noting the ones left out."""
+
+    plan: Plan
+    holds_for: HoldsFor
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        kept = []
+        for row in rows:
+            if self.holds_for(str(row["model_id"])):
+                kept.append(row)
+            else:
+                self.plan.skip(row["model_id"], "the rule's conditions do not hold for this model alone")
+        return kept
 
 
 def run_plan(session: requests.Session, plan: Plan) -> dict:
@@ -68,7 +95,7 @@ def run_plan(session: requests.Session, plan: Plan) -> dict:
         try:
             status = send(session, call.method, call.url, call.json)
         except ActionError as exc:
-            undone = [_undo(session, c) for c in reversed(plan.calls[:len(done)]) if c.undo is not None]
+            undone = [_undo(session, c) for c in reversed(plan.calls[:len(done) + 1]) if c.undo is not None]
             raise ActionFailed(str(exc), {"calls": done, "failed_call": call.describe(),
                                           "undone": undone, "skipped": plan.skipped}) from exc
         done.append({**call.describe(), "status": status})
@@ -100,9 +127,13 @@ def _undo(session: requests.Session, call: Call) -> dict:
 
 
 def running_replicas(session: requests.Session, settings: Settings, model_id: str) -> int:
-    """How many runtimes of a model the orchestrator reports running."""
+    """How many runtimes of a model run or are starting: the replicas the orchestrator's scale counts."""
+    return sum(_runtime_count(session, settings, model_id, status) for status in ("running", "starting"))
+
+
+def _runtime_count(session: requests.Session, settings: Settings, model_id: str, status: str) -> int:
     url = f"{settings.orchestrator_url}/runtimes"
-    response = _request(session, "GET", url, None, {"model_id": str(model_id), "status": "running"})
+    response = _request(session, "GET", url, None, {"model_id": str(model_id), "status": status})
     try:
         return len(response.json()["items"])
     except (ValueError, KeyError, TypeError) as exc:
@@ -113,13 +144,12 @@ def _scale_url(settings: Settings, model_id: str) -> str:
     return f"{settings.orchestrator_url}/models/{model_id}/scale"
 
 
-def _plan_scale_up(conn: psycopg.Connection, session: requests.Session, settings: Settings,
-                   params: dict, scope: dict, window_seconds: int) -> Plan:
-    plan = Plan()
-    targets = queries.scale_up_targets(conn, **scope)
-    if not targets:
-        plan.skip(None, "no active model in scope has pending requests or running runtimes")
-    for target in targets:
+def _plan_scale_up(plan: Plan, targets: _Targets, conn: psycopg.Connection, session: requests.Session,
+                   settings: Settings, params: dict, scope: dict, window_seconds: int) -> None:
+    found = queries.scale_up_targets(conn, **scope)
+    if not found:
+        plan.skip(None, "no active model in scope runs or has pending requests assigned to it")
+    for target in targets(found):
         current = running_replicas(session, settings, target["model_id"])
         cap = min(params.get("max_replicas") or target["max_replicas"], target["max_replicas"])
         wanted = min(cap, max(current + params["step"], math.ceil(current * params["scale_factor"])))
@@ -128,16 +158,14 @@ def _plan_scale_up(conn: psycopg.Connection, session: requests.Session, settings
             continue
         plan.calls.append(Call("POST", _scale_url(settings, target["model_id"]), {"replicas": wanted},
                                str(target["model_id"]), undo={"replicas": current}))
-    return plan
 
 
-def _plan_scale_down(conn: psycopg.Connection, session: requests.Session, settings: Settings,
-                     params: dict, scope: dict, window_seconds: int) -> Plan:
-    plan = Plan()
-    targets = queries.scale_down_targets(conn, **scope)
-    if not targets:
+def _plan_scale_down(plan: Plan, targets: _Targets, conn: psycopg.Connection, session: requests.Session,
+                     settings: Settings, params: dict, scope: dict, window_seconds: int) -> None:
+    found = queries.scale_down_targets(conn, **scope)
+    if not found:
         plan.skip(None, "no model in scope has running runtimes")
-    for target in targets:
+    for target in targets(found):
         if target["idle_seconds"] < params["idle_threshold_seconds"]:
             plan.skip(target["model_id"], f"active {target['idle_seconds']:.0f}s ago, under the idle "
                                           f"threshold of {params['idle_threshold_seconds']}s")
@@ -151,14 +179,12 @@ def _plan_scale_down(conn: psycopg.Connection, session: requests.Session, settin
                                str(target["model_id"]), undo={"replicas": current}))
     if params["reap"]:
         plan.calls.append(Call("POST", f"{settings.orchestrator_url}/runtimes/reap", {}))
-    return plan
 
 
-def _plan_switch_model(conn: psycopg.Connection, session: requests.Session, settings: Settings,
-                       params: dict, scope: dict, window_seconds: int) -> Plan:
-    plan = Plan()
-    candidates = [m for m in queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
-                  if m["active"]]
+def _plan_switch_model(plan: Plan, targets: _Targets, conn: psycopg.Connection, session: requests.Session,
+                       settings: Settings, params: dict, scope: dict, window_seconds: int) -> None:
+    candidates = targets([m for m in queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
+                          if m["active"]])
     limit = params["max_processing_time_ms"]
     if not params["prefer_speed_over_accuracy"]:
         candidates = sorted(candidates, key=lambda m: m["success_rate"])[:1]
@@ -178,25 +204,24 @@ def _plan_switch_model(conn: psycopg.Connection, session: requests.Session, sett
         demoted.append(model_id)
         plan.calls.append(Call("PATCH", f"{settings.registry_url}/models/{model_id}", {"active": False},
                                model_id, undo={"active": True}))
-    return plan
 
 
-def _plan_adjust_resources(conn: psycopg.Connection, session: requests.Session, settings: Settings,
-                           params: dict, scope: dict, window_seconds: int) -> Plan:
-    plan = Plan()
+def _plan_adjust_resources(plan: Plan, targets: _Targets, conn: psycopg.Connection, session: requests.Session,
+                           settings: Settings, params: dict, scope: dict, window_seconds: int) -> None:
     models = queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
     if not models:
         plan.skip(None, "no model in scope has performance data in the window")
-    for model in models:
+    for model in targets(models):
         old = {"base_cpu_requirement": model["base_cpu_requirement"],
                "base_memory_requirement": model["base_memory_requirement"]}
         new = {
             "base_cpu_requirement": round(_resize(
                 old["base_cpu_requirement"], params["cpu_reduction"], params["cpu_increase"],
                 params["min_cpu"], settings.host_cpu_cores), 2),
+            # Never below the most it was measured to use in the window.
             "base_memory_requirement": int(_resize(
                 old["base_memory_requirement"], params["memory_reduction"], params["memory_increase"],
-                params["min_memory_mb"], settings.host_memory_mb)),
+                max(params["min_memory_mb"], model["peak_memory_mb"] or 0), settings.host_memory_mb)),
         }
         changed = {key: value for key, value in new.items() if value != old[key]}
         if not changed:
@@ -204,7 +229,6 @@ def _plan_adjust_resources(conn: psycopg.Connection, session: requests.Session, 
             continue
         plan.calls.append(Call("PATCH", f"{settings.registry_url}/models/{model['model_id']}", changed,
                                str(model["model_id"]), undo={key: old[key] for key in changed}))
-    return plan
 
 
 def _resize(value: float, reduction: float, increase: float, floor: float, ceiling: float) -> float:

@@ -120,8 +120,12 @@ MEMORY_MB = f"""
 SELECT avg(memory_used_mb)::float8 AS avg, min(memory_used_mb)::float8 AS min,
        max(memory_used_mb)::float8 AS max
 FROM performance_logs pl WHERE {_IN_WINDOW}{_LOG_SCOPE}"""
+# Seconds since the last activity of the running runtimes; 0 while any serves a request (a long
+# generation does not touch last_activity until it ends).
+_IDLE_SECONDS = """CASE WHEN bool_or(c.active_requests > 0) THEN 0
+            ELSE extract(epoch FROM now() - max(c.last_activity)) END::float8"""
 IDLE_SECONDS = f"""
-SELECT extract(epoch FROM now() - max(c.last_activity))::float8 AS current
+SELECT {_IDLE_SECONDS} AS current
 FROM container_lifecycle c JOIN model_registry m ON m.id = c.model_id
 WHERE c.status = 'running'{_RUNTIME_SCOPE}"""
 RUNNING_RUNTIMES = f"""
@@ -145,16 +149,13 @@ FROM model_registry m
 WHERE m.active
   AND (%(model_id)s::uuid IS NULL OR m.id = %(model_id)s::uuid)
   AND (%(task_type)s::text IS NULL OR %(task_type)s::text = ANY (m.task_types))
-  AND (EXISTS (SELECT 1 FROM container_lifecycle c WHERE c.model_id = m.id AND c.status = 'running')
-       OR EXISTS (SELECT 1 FROM request_queue q WHERE q.status = 'pending'
-                  AND (q.assigned_model_id = m.id
-                       OR (q.assigned_model_id IS NULL AND q.task_type = ANY (m.task_types)))))
+  AND (EXISTS (SELECT 1 FROM container_lifecycle c WHERE c.model_id = m.id AND c.status IN ('starting', 'running'))
+       OR EXISTS (SELECT 1 FROM request_queue q WHERE q.status = 'pending' AND q.assigned_model_id = m.id))
 ORDER BY m.name, m.version
 """
 
-SCALE_DOWN_TARGETS = """
-SELECT m.id AS model_id, m.name, m.version, m.max_replicas,
-       extract(epoch FROM now() - max(c.last_activity))::float8 AS idle_seconds
+SCALE_DOWN_TARGETS = f"""
+SELECT m.id AS model_id, m.name, m.version, m.max_replicas, {_IDLE_SECONDS} AS idle_seconds
 FROM model_registry m JOIN container_lifecycle c ON c.model_id = m.id AND c.status = 'running'
 WHERE (%(model_id)s::uuid IS NULL OR m.id = %(model_id)s::uuid)
   AND (%(task_type)s::text IS NULL OR %(task_type)s::text = ANY (m.task_types))
@@ -167,7 +168,7 @@ MODELS_WITH_LOGS = """
 SELECT m.id AS model_id, m.name, m.version, m.task_types, m.active,
        m.base_cpu_requirement::float8 AS base_cpu_requirement, m.base_memory_requirement,
        count(*) AS request_count, avg(pl.processing_time_ms)::float8 AS avg_processing_time_ms,
-       avg(pl.success::int)::float8 AS success_rate
+       avg(pl.success::int)::float8 AS success_rate, max(pl.memory_used_mb) AS peak_memory_mb
 FROM performance_logs pl JOIN model_registry m ON m.id = pl.model_id
 WHERE pl.logged_at > now() - make_interval(secs => %(window_seconds)s)
   AND (%(model_id)s::uuid IS NULL OR pl.model_id = %(model_id)s::uuid)
@@ -188,7 +189,8 @@ SELECT NOT EXISTS (
 
 
 def scale_up_targets(conn: psycopg.Connection, *, model_id: str | None, task_type: str | None) -> list[dict]:
-    """Active models in scope with pending requests they can serve or running runtimes."""
+    """Active models in scope that run (or start) or have pending requests assigned to them: not every
+    model that could serve a waiting request (the worker starts the one selection picks)."""
     return conn.execute(SCALE_UP_TARGETS, {"model_id": model_id, "task_type": task_type}).fetchall()
 
 

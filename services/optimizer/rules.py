@@ -8,6 +8,7 @@ cooldown; `dry_run` measures and plans the action without running it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import psycopg
 import requests
@@ -136,7 +137,7 @@ def dry_run(conn: psycopg.Connection, session: requests.Session, settings: Setti
     audit_id = None
     if evaluation["verdict"]:
         try:
-            plan = plan_action(conn, session, settings, rule)
+            plan = plan_action(conn, session, settings, rule, _holds_for(conn, rule))
             action.update(calls=[c.describe() for c in plan.calls], skipped=plan.skipped,
                           would_run=bool(plan.calls) and not rule["in_cooldown"])
         except ActionError as exc:
@@ -206,7 +207,7 @@ def _act(conn: psycopg.Connection, session: requests.Session, settings: Settings
          rule: dict) -> tuple[str, dict, str | None]:
     """Plan and run a rule's action: (status, result, error)."""
     try:
-        plan = plan_action(conn, session, settings, rule)
+        plan = plan_action(conn, session, settings, rule, _holds_for(conn, rule))
     except ActionError as exc:
         return "failed", {"calls": [], "skipped": []}, str(exc)
     if not plan.calls:
@@ -215,6 +216,14 @@ def _act(conn: psycopg.Connection, session: requests.Session, settings: Settings
         return "succeeded", run_plan(session, plan), None
     except ActionFailed as exc:
         return "failed", exc.result, exc.error
+
+
+def _holds_for(conn: psycopg.Connection, rule: dict) -> Callable[[str], bool]:
+    """Whether the rule's conditions hold for one model measured alone (a rule scoped to a model
+    was measured on it already)."""
+    if rule["scope"] == "model":
+        return lambda model_id: True
+    return lambda model_id: evaluate(conn, {**rule, "scope": "model", "scope_value": model_id})["verdict"]
 
 
 def _outcome(rule_id: str, rule_name: str | None, outcome: str, reason: str,

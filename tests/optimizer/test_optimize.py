@@ -9,10 +9,13 @@ GEMMA = "gemma3:270m-q4_k_m"
 SMOL = "smollm2:135m-instruct-q4_1"
 
 
-def _runtimes(http, model_id, count, status=200):
-    http.get(f"{ORCHESTRATOR}/runtimes", status=status,
-             json={"items": [{"id": str(i)} for i in range(count)]} if status == 200 else {"title": "down"},
-             match=[matchers.query_param_matcher({"model_id": str(model_id), "status": "running"})])
+def _runtimes(http, model_id, count, status=200, starting=0):
+    """The orchestrator's answers about a model's runtimes: `count` running, `starting` starting
+    (asked only once it has answered the first)."""
+    for runtime_status, n in (("running", count), ("starting", starting))[:2 if status == 200 else 1]:
+        http.get(f"{ORCHESTRATOR}/runtimes", status=status,
+                 json={"items": [{"id": str(i)} for i in range(n)]} if status == 200 else {"title": "down"},
+                 match=[matchers.query_param_matcher({"model_id": str(model_id), "status": runtime_status})])
 
 
 def _pending(conn, task_type, n):
@@ -170,6 +173,9 @@ def test_failing_action_undoes_what_it_did(client, conn, models, http, log, no_s
         {"base_cpu_requirement": 0.5, "base_memory_requirement": 576})])
     http.patch(smol_url, status=500, body="boom", match=[matchers.json_params_matcher(
         {"base_cpu_requirement": 0.5, "base_memory_requirement": 384})])
+    # The failed call is undone too (it may have done part of its work), then gemma3's.
+    http.patch(smol_url, match=[matchers.json_params_matcher(
+        {"base_cpu_requirement": 1.0, "base_memory_requirement": 512})])
     http.patch(gemma_url, match=[matchers.json_params_matcher(
         {"base_cpu_requirement": 1.0, "base_memory_requirement": 768})])
     (result,) = client.post("/optimize").json["results"]
@@ -182,7 +188,9 @@ def test_failing_action_undoes_what_it_did(client, conn, models, http, log, no_s
                    "json": {"base_cpu_requirement": 0.5, "base_memory_requirement": 576}}],
         "failed_call": {"method": "PATCH", "url": smol_url, "model_id": str(smol["id"]),
                         "json": {"base_cpu_requirement": 0.5, "base_memory_requirement": 384}},
-        "undone": [{"url": gemma_url, "status": 200,
+        "undone": [{"url": smol_url, "status": 200,
+                    "json": {"base_cpu_requirement": 1.0, "base_memory_requirement": 512}},
+                   {"url": gemma_url, "status": 200,
                     "json": {"base_cpu_requirement": 1.0, "base_memory_requirement": 768}}],
         "skipped": [],
     }
@@ -299,3 +307,68 @@ def test_a_rule_that_fails_unexpectedly_is_reported_and_the_rules_after_it_still
     assert all(r["outcome"] != "error" for r in results[1:])
     assert sorted(r["id"] for r in evaluated) == sorted(others)
     assert [r.message for r in caplog.records if r.levelname == "ERROR"] == ["optimization rule failed"]
+
+
+def test_a_model_serving_a_long_request_is_not_idle_for_scale_down(client, conn, models, http, no_seed_rules):
+    """last_activity is when its requests began: a runtime busy for 15 minutes is not idle."""
+    gemma = str(models[GEMMA]["id"])
+    for _ in range(2):
+        conn.execute("""INSERT INTO container_lifecycle (model_id, driver, status, allocated_cpu, allocated_memory,
+                            active_requests, last_activity)
+                        VALUES (%s, 'process', 'running', 1, 768, 1, now() - interval '900 s')""", (gemma,))
+    client.post("/rules", json={
+        "rule_name": "down", "scope": "model", "scope_value": gemma, "action_type": "scale_down",
+        "action_parameters": {"min_replicas": 1, "idle_threshold_seconds": 300},
+        "conditions": [{"metric": "request_count", "operator": "<", "threshold": 2}]})
+    (result,) = client.post("/optimize").json["results"]
+    assert (result["outcome"], result["reason"]) == (
+        "skipped", "active 0s ago, under the idle threshold of 300s")
+
+
+def test_replicas_being_started_count_as_replicas(client, conn, models, http, no_seed_rules):
+    """The orchestrator's scale counts starting runtimes: so does the plan, else a step adds nothing."""
+    gemma = str(models[GEMMA]["id"])
+    conn.execute("UPDATE model_registry SET max_replicas = 4 WHERE id = %s", (gemma,))
+    _running(conn, gemma)
+    _pending(conn, "summarization", 5)
+    _runtimes(http, gemma, 1, starting=1)
+    # 2 replicas (one still starting) doubled by the default scale factor.
+    http.post(f"{ORCHESTRATOR}/models/{gemma}/scale", match=[matchers.json_params_matcher({"replicas": 4})])
+    client.post("/rules", json={
+        "rule_name": "up", "scope": "model", "scope_value": gemma, "action_type": "scale_up",
+        "action_parameters": {"step": 1}, "conditions": [
+            {"metric": "pending_queue_length", "operator": ">", "threshold": 2}]})
+    (result,) = client.post("/optimize").json["results"]
+    assert result["outcome"] == "succeeded"
+
+
+def test_a_rule_over_several_models_acts_only_on_those_it_holds_for(client, conn, models, http, no_seed_rules):
+    """A queue of summarization requests scales the summarizer up, not an idle code model beside it."""
+    gemma, codellama = str(models[GEMMA]["id"]), str(models["codellama:7b"]["id"])
+    conn.execute("UPDATE model_registry SET max_replicas = 4")
+    _running(conn, gemma)
+    _running(conn, codellama)
+    _pending(conn, "summarization", 3)
+    _runtimes(http, gemma, 1)
+    http.post(f"{ORCHESTRATOR}/models/{gemma}/scale", match=[matchers.json_params_matcher({"replicas": 2})])
+    client.post("/rules", json={
+        "rule_name": "queue", "scope": "all", "action_type": "scale_up", "action_parameters": {"step": 1},
+        "conditions": [{"metric": "pending_queue_length", "operator": ">", "threshold": 2}]})
+    (result,) = client.post("/optimize").json["results"]
+    assert result["outcome"] == "succeeded"
+    (audit,) = _audit(conn)
+    assert audit["result"]["skipped"] == [
+        {"model_id": codellama, "reason": "the rule's conditions do not hold for this model alone"}]
+
+
+def test_memory_is_never_cut_below_what_was_measured(client, conn, models, http, log, no_seed_rules):
+    gemma = models[GEMMA]
+    log(gemma["id"], n=2, task_type="summarization", cpu_usage_percent=5, memory_used_mb=700)
+    client.post("/rules", json={
+        "rule_name": "shrink", "scope": "model", "scope_value": str(gemma["id"]), "action_type": "adjust_resources",
+        "action_parameters": {"memory_reduction": 0.5},
+        "conditions": [{"metric": "avg_cpu_percent", "operator": "<", "threshold": 30}]})
+    http.patch(f"{REGISTRY}/models/{gemma['id']}", match=[matchers.json_params_matcher(
+        {"base_memory_requirement": 700})])
+    (result,) = client.post("/optimize").json["results"]
+    assert result["outcome"] == "succeeded"
