@@ -33,8 +33,8 @@ METRICS: dict[str, Metric] = {
                                    "share of validated outputs that passed"),
     "avg_cpu_percent": Metric(queries.CPU_PERCENT, ("avg", "min", "max"), "measured CPU use"),
     "avg_memory_mb": Metric(queries.MEMORY_MB, ("avg", "min", "max"), "measured memory use"),
-    "idle_seconds": Metric(queries.IDLE_SECONDS, ("current",),
-                           "seconds since the last activity of any running runtime (now)"),
+    "idle_seconds": Metric(queries.IDLE_SECONDS, ("current",), "seconds since the last activity of the "
+                           "running runtimes, 0 while one serves a request (now)"),
     "running_runtimes": Metric(queries.RUNNING_RUNTIMES, ("current",), "running runtimes (now)"),
 }
 
