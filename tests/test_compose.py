@@ -25,10 +25,18 @@ def test_declares_every_service(compose):
         "worker", "scheduler", "n8n-bundle", "n8n", "ollama"}
 
 
-def test_only_the_orchestrator_gets_the_docker_socket(compose):
+def test_only_the_orchestrator_and_its_worker_get_the_docker_socket(compose):
     with_socket = {name for name, service in compose["services"].items()
                    if any("docker.sock" in volume for volume in service.get("volumes", []))}
-    assert with_socket == {"orchestrator"}
+    assert with_socket == {"orchestrator", "worker"}
+
+
+def test_the_worker_runs_runtimes_as_the_orchestrator_does(compose):
+    """Queued dispatches start the runtimes they need: with the same drivers, Docker and limits."""
+    orchestrator, worker = compose["services"]["orchestrator"], compose["services"]["worker"]
+    assert worker["environment"] == orchestrator["environment"]
+    assert orchestrator["environment"]["RUNTIME_DRIVERS"] == "docker,external"
+    assert worker["user"] == orchestrator["user"] == "root"
 
 
 def test_services_start_in_order_of_health(compose):
