@@ -160,6 +160,23 @@ def test_webhook_flows_answer_through_a_respond_node_on_unique_paths():
     assert sorted(paths) == ["ai-dispatch", "chat", "dispatch", "dispatch-async", "feedback", "onboard-model"]
 
 
+CALLS_A_SERVICE = ("n8n-nodes-base.httpRequest", "@n8n/n8n-nodes-langchain.chainLlm")
+
+
+@pytest.mark.parametrize("name", [name for name, workflow in WORKFLOWS.items()
+                                  if nodes_by_type(workflow, "n8n-nodes-base.webhook")])
+def test_a_webhook_flow_answers_even_when_a_service_cannot_be_reached(name: str):
+    """A node that fails stops the flow, and n8n then answers its caller 200 with an empty body: every
+    call to a service goes on to an answer, through its error output or its regular one."""
+    workflow = WORKFLOWS[name]
+    for node in (n for n in workflow["nodes"] if n["type"] in CALLS_A_SERVICE):
+        outputs = workflow["connections"].get(node["name"], {}).get("main", [])
+        if node.get("onError") == "continueErrorOutput":
+            assert len(outputs) > 1 and outputs[1], f"{node['name']}: its error output leads nowhere"
+        else:
+            assert node.get("onError") == "continueRegularOutput", f"{node['name']} stops the flow when it fails"
+
+
 @pytest.mark.parametrize("name", ["optimize_models.json", "clean_runtimes.json"])
 def test_schedule_flows_can_also_be_run_by_hand(name: str):
     """`n8n execute` and the editor's button start from the Manual Trigger."""
@@ -216,7 +233,7 @@ def test_import_points_each_node_at_the_credential_of_its_role():
     prepared = tool.with_credentials(workflow, IDS)
 
     assert {node["name"]: node.get("credentials") for node in prepared["nodes"]} == {
-        "Answer": None, "Respond": None,
+        "Answer": None, "Respond": None, "Unreachable": None, "Respond unreachable": None,
         "Webhook": {"httpHeaderAuth": {"id": "w1", "name": "Dispatcher webhooks"}},
         "Dispatcher (Ollama Chat Model)": {"ollamaApi": {"id": "o1", "name": "Dispatcher Ollama front door"}},
         "Dispatch": {"httpHeaderAuth": {"id": "h1", "name": "Dispatcher API"}},

@@ -1,10 +1,14 @@
 """Every workflow imported into a real n8n 2.8.4 and run against the real services and the real smollm2."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 import secrets
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from unittest.mock import ANY
 
 import pytest
@@ -469,3 +473,71 @@ def test_the_cleanup_schedule_reaps_idle_runtimes(n8n: N8n, stack: Stack, stack_
     assert {"model_id": smollm2["id"], "runtime_id": runtime["id"], "action": "stopped", "detail": ANY} in summary["reaped"]
     assert summary["scaled"] == []
     assert stack.call("GET", "orchestrator", f"/runtimes/{runtime['id']}").json()["status"] == "stopped"
+
+
+# --- failures the services cannot answer: a variant of a flow, changed in one parameter ----------
+
+@contextmanager
+def variant(n8n: N8n, name: str, change: Callable[[dict[str, dict]], None]) -> Iterator[str]:
+    """An active copy of an imported webhook flow, with `change` made to its nodes (by name), on a
+    webhook path of its own (yielded); removed afterwards: the other tests see the committed flows only."""
+    path = f"variant-{secrets.token_hex(6)}"
+    original = n8n.api("GET", f"/workflows/{n8n.workflow_id(name)}").json()
+    nodes = copy.deepcopy(original["nodes"])
+    for node in nodes:
+        node["id"] = str(uuid.uuid4())
+        if "webhookId" in node:
+            node["webhookId"] = str(uuid.uuid4())
+        if node["type"] == "n8n-nodes-base.webhook":
+            node["parameters"]["path"] = path
+    change({node["name"]: node for node in nodes})
+    created = n8n.api("POST", "/workflows", json={"name": f"{name} ({path})", "nodes": nodes,
+                                                  "connections": original["connections"],
+                                                  "settings": {"executionOrder": "v1"}})
+    assert created.status_code == 200, created.text
+    workflow_id = created.json()["id"]
+    try:
+        assert n8n.api("POST", f"/workflows/{workflow_id}/activate").status_code == 200
+        yield path
+    finally:
+        n8n.api("POST", f"/workflows/{workflow_id}/deactivate")
+        n8n.api("DELETE", f"/workflows/{workflow_id}")
+
+
+def unreachable_service(nodes: dict[str, dict]) -> None:
+    for node in nodes.values():
+        if node["type"] == "n8n-nodes-base.httpRequest":
+            node["parameters"]["url"] = "http://127.0.0.1:9/nothing-listens-here"
+
+
+@pytest.mark.parametrize("name, body", [("Dispatch (one call)", QUESTION),
+                                        ("Dispatch async with callback", QUESTION),
+                                        ("Feedback", {"request_id": "00000000-0000-4000-8000-000000000000",
+                                                      "score": 1})])
+def test_a_flow_whose_service_cannot_be_reached_answers_a_problem_not_an_empty_200(n8n: N8n, name, body):
+    with variant(n8n, name, unreachable_service) as path:
+        response = n8n.webhook(path, body, timeout_s=60)
+
+    assert response.status_code == 502, response.text
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    answer = response.json()
+    assert answer == problem(502, "Bad Gateway", ANY, execution_id=ANY)
+    assert "ECONNREFUSED" in answer["detail"] or "refused" in answer["detail"].lower(), answer["detail"]
+
+
+def test_an_async_request_without_a_callback_in_time_is_a_504_that_says_where_to_look(n8n: N8n, stack: Stack,
+                                                                                       stack_db):
+    def short_wait(nodes: dict[str, dict]) -> None:
+        nodes["Wait for callback"]["parameters"].update(resumeAmount=3, resumeUnit="seconds")
+
+    with variant(n8n, "Dispatch async with callback", short_wait) as path:
+        with stack.worker_paused():   # nobody runs the request: no callback comes
+            response = n8n.webhook(path, QUESTION, timeout_s=120)
+
+    assert response.status_code == 504, response.text
+    answer = response.json()
+    assert answer == problem(504, "Gateway Timeout", ANY, request_id=ANY)
+    assert answer["detail"] == (f"No answer came back in time; the request's status is at "
+                                f"/requests/{answer['request_id']}.")
+    assert stack_db.execute("SELECT status FROM request_queue WHERE id = %s",
+                            (answer["request_id"],)).fetchone()["status"] in ("pending", "processing", "completed")
