@@ -46,6 +46,7 @@ def stack(stack_database_url: str, tmp_path_factory) -> Iterator[Stack]:
         yield started
     finally:
         if started:
+            processes.stop(started.worker)   # first: a request it still runs could start a runtime meanwhile
             stop_runtimes(started)
         processes.stop_all()
 
