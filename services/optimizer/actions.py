@@ -3,9 +3,10 @@
 An action is planned first (read-only: which models, how many replicas, which values) and then
 run call by call. A rule measured over several models acts only on those for which its conditions
 hold measured on each alone (`holds_for`): one busy model must not scale up its idle neighbours.
-Each mutating call carries the body that undoes it, an absolute state; when a call fails, it and
-the calls made before it are undone in reverse order (a failed scale may have started some
-replicas), so a failed action leaves nothing half-done.
+Each mutating call carries the body that undoes it, an absolute state; when a call fails, the
+calls made before it are undone in reverse order, and so is the failed one when its service
+answered the failure (a failed scale may have started some replicas; one that timed out may still
+be starting them, and is left to finish), so a failed action leaves nothing half-done.
 """
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ from services.optimizer.schemas import action_parameters
 
 
 class ActionError(Exception):
-    """An owner service could not be reached or refused a call."""
+    """An owner service could not be reached or refused a call; `answered` when it did answer (a
+    call that timed out may still be under way: undoing it would race it)."""
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 class ActionFailed(Exception):
@@ -95,7 +101,8 @@ def run_plan(session: requests.Session, plan: Plan) -> dict:
         try:
             status = send(session, call.method, call.url, call.json)
         except ActionError as exc:
-            undone = [_undo(session, c) for c in reversed(plan.calls[:len(done) + 1]) if c.undo is not None]
+            made = plan.calls[:len(done) + 1] if exc.answered else plan.calls[:len(done)]
+            undone = [_undo(session, c) for c in reversed(made) if c.undo is not None]
             raise ActionFailed(str(exc), {"calls": done, "failed_call": call.describe(),
                                           "undone": undone, "skipped": plan.skipped}) from exc
         done.append({**call.describe(), "status": status})
@@ -115,7 +122,8 @@ def _request(session: requests.Session, method: str, url: str, body: dict | None
     except requests.RequestException as exc:
         raise ActionError(f"{method} {url} failed: {exc.__class__.__name__}: {exc}") from exc
     if not response.ok:
-        raise ActionError(f"{method} {response.url} answered {response.status_code}: {response.text[:300]}")
+        raise ActionError(f"{method} {response.url} answered {response.status_code}: {response.text[:300]}",
+                          answered=True)
     return response
 
 

@@ -51,10 +51,13 @@ def scope_filter(scope: str, scope_value: str | None) -> dict:
 
 
 def measure(conn: psycopg.Connection, metric: str, aggregate: str, *, window_seconds: int,
-            scope: str, scope_value: str | None) -> float | None:
-    """The value of one metric aggregate over a window and scope; None when there is no data."""
-    row = queries.metric_row(conn, METRICS[metric].query, window_seconds=window_seconds,
-                             **scope_filter(scope, scope_value))
+            scope: str, scope_value: str | None, model_id: str | None = None) -> float | None:
+    """The value of one metric aggregate over a window and scope (narrowed to one model with
+    `model_id`); None when there is no data."""
+    filters = scope_filter(scope, scope_value)
+    if model_id is not None:
+        filters["model_id"] = model_id
+    row = queries.metric_row(conn, METRICS[metric].query, window_seconds=window_seconds, **filters)
     value = row[aggregate]
     return None if value is None else float(value)
 

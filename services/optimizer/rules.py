@@ -90,13 +90,14 @@ def list_actions(conn: psycopg.Connection, *, rule_id: str | None = None, limit:
 
 # --- evaluation ------------------------------------------------------------------------------
 
-def evaluate(conn: psycopg.Connection, rule: dict) -> dict:
-    """Measure every condition of a rule; the verdict is their AND."""
+def evaluate(conn: psycopg.Connection, rule: dict, model_id: str | None = None) -> dict:
+    """Measure every condition of a rule (within its scope, on one model with `model_id`); the
+    verdict is their AND."""
     conditions = []
     for position, condition in enumerate(rule["conditions"]):
         value = measure(conn, condition["metric"], condition["aggregate"],
                         window_seconds=rule["window_seconds"], scope=rule["scope"],
-                        scope_value=rule["scope_value"])
+                        scope_value=rule["scope_value"], model_id=model_id)
         conditions.append({
             **condition, "position": position, "value": value,
             "holds": compare(value, condition["operator"], condition["threshold"]),
@@ -219,11 +220,11 @@ def _act(conn: psycopg.Connection, session: requests.Session, settings: Settings
 
 
 def _holds_for(conn: psycopg.Connection, rule: dict) -> Callable[[str], bool]:
-    """Whether the rule's conditions hold for one model measured alone (a rule scoped to a model
-    was measured on it already)."""
+    """Whether the rule's conditions hold, within its scope, for one model measured alone (a rule
+    scoped to a model was measured on it already)."""
     if rule["scope"] == "model":
         return lambda model_id: True
-    return lambda model_id: evaluate(conn, {**rule, "scope": "model", "scope_value": model_id})["verdict"]
+    return lambda model_id: evaluate(conn, rule, model_id)["verdict"]
 
 
 def _outcome(rule_id: str, rule_name: str | None, outcome: str, reason: str,

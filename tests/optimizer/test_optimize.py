@@ -372,3 +372,42 @@ def test_memory_is_never_cut_below_what_was_measured(client, conn, models, http,
         {"base_memory_requirement": 700})])
     (result,) = client.post("/optimize").json["results"]
     assert result["outcome"] == "succeeded"
+
+
+def test_a_call_that_timed_out_is_not_undone(client, conn, models, http, no_seed_rules):
+    """The orchestrator may still be starting the replica: an undo would stop a warm one in its place."""
+    import requests
+
+    gemma = str(models[GEMMA]["id"])
+    conn.execute("UPDATE model_registry SET max_replicas = 4 WHERE id = %s", (gemma,))
+    _running(conn, gemma)
+    _pending(conn, "summarization", 5)
+    _runtimes(http, gemma, 1)
+    http.post(f"{ORCHESTRATOR}/models/{gemma}/scale", body=requests.exceptions.ReadTimeout("Read timed out."))
+    client.post("/rules", json={
+        "rule_name": "up", "scope": "model", "scope_value": gemma, "action_type": "scale_up",
+        "action_parameters": {"step": 1}, "conditions": [
+            {"metric": "pending_queue_length", "operator": ">", "threshold": 2}]})
+    (result,) = client.post("/optimize").json["results"]
+    assert result["outcome"] == "failed"
+    (audit,) = _audit(conn)
+    assert audit["result"]["undone"] == []
+
+
+def test_a_rule_over_a_task_type_measures_each_model_at_that_task(client, conn, models, http, log, no_seed_rules):
+    """smollm2 is fast at question answering and slow at code: a rule on question answering leaves it."""
+    orca, smol = models["orca-mini:3b"], models[SMOL]
+    log(orca["id"], n=4, task_type="question-answering", processing_time_ms=40_000)
+    log(smol["id"], n=1, task_type="question-answering", processing_time_ms=100)
+    log(smol["id"], n=4, task_type="code-generation", processing_time_ms=100_000)
+    client.post("/rules", json={
+        "rule_name": "grow", "scope": "task_type", "scope_value": "question-answering",
+        "action_type": "adjust_resources", "action_parameters": {"cpu_increase": 0.5},
+        "conditions": [{"metric": "avg_processing_time_ms", "operator": ">", "threshold": 30_000}]})
+    http.patch(f"{REGISTRY}/models/{orca['id']}")
+    (result,) = client.post("/optimize").json["results"]
+    assert result["outcome"] == "succeeded"
+    (audit,) = _audit(conn)
+    assert [call["model_id"] for call in audit["result"]["calls"]] == [str(orca["id"])]
+    assert audit["result"]["skipped"] == [
+        {"model_id": str(smol["id"]), "reason": "the rule's conditions do not hold for this model alone"}]
