@@ -37,6 +37,9 @@ ALIVE_CHECK_INTERVAL_S = 0.2
 WAIT_INTERVAL_S = 0.02
 DRAIN_TIMEOUT_S = 30.0
 STOP_ABANDONED_S = DRAIN_TIMEOUT_S + 60.0   # a stop that takes longer was abandoned by its process
+# Longer than any request may run (a model's request_timeout_s is at most an hour): a runtime
+# untouched that long serves no request its count has no holder for.
+QUIET_RECOUNT_S = 2 * 3600.0
 MAX_RESTARTS = 3
 SCALE_UP_PENDING_PER_REPLICA = 4
 PULL_PROGRESS_INTERVAL_S = 0.5
@@ -473,6 +476,10 @@ def check_health(db: Database, settings: Settings) -> dict:
     for row in stuck:
         _finish_stop(db, row, settings)
         actions.append(_action(row, "stop_finished", f"left {row['status']} since {row['updated_at'].isoformat()}"))
+    with db.connection() as conn:   # counts left by requests whose process died (they never release)
+        recounted = queries.recount_quiet_runtimes(conn, QUIET_RECOUNT_S)
+    actions += [_action(row, "recounted", f"busy count set to the {row['active_requests']} requests holding it")
+                for row in recounted]
     return {"checked": len(running), "healthy": healthy, "actions": actions}
 
 

@@ -257,6 +257,23 @@ def begin_stop_if_expired(conn: psycopg.Connection, runtime_id: str, default_kee
     """, {"id": runtime_id, "default": default_keep_alive_s})
 
 
+def recount_quiet_runtimes(conn: psycopg.Connection, quiet_s: float) -> list[dict]:
+    """Running runtimes untouched for `quiet_s` (longer than any request may run) whose busy count
+    exceeds the requests holding them: counted to those. The excess is requests without a holder
+    (POST /generate) whose process died before releasing; an acquire meanwhile moves last_activity
+    and so keeps the row out (the UPDATE re-checks it)."""
+    return conn.execute("""
+        UPDATE container_lifecycle r SET active_requests = held.n
+        FROM (SELECT c.id, (SELECT count(*) FROM request_queue q
+                            WHERE q.assigned_runtime_id = c.id AND q.holds_runtime) AS n
+              FROM container_lifecycle c
+              WHERE c.status = 'running' AND c.last_activity < now() - make_interval(secs => %(quiet)s)) held
+        WHERE r.id = held.id AND r.active_requests > held.n
+          AND r.last_activity < now() - make_interval(secs => %(quiet)s)
+        RETURNING r.id, r.model_id, r.active_requests
+    """, {"quiet": quiet_s}).fetchall()
+
+
 def mark_stopped(conn: psycopg.Connection, runtime_id: str) -> dict | None:
     return _runtime_returning(conn, """
         UPDATE container_lifecycle

@@ -418,3 +418,26 @@ def test_an_https_endpoint_without_a_port_is_probed_on_443(monkeypatch):
     lifecycle._listening("https://models.example")
     lifecycle._listening("http://models.example")
     assert dialled == [("models.example", 443), ("models.example", 80)]
+
+
+def test_a_busy_count_no_request_holds_is_set_right_once_the_runtime_is_quiet(db, conn, settings, fake_server):
+    """A POST /generate whose process died never releases its runtime: the health check recounts a
+    runtime untouched for longer than any request may run, to the requests holding it."""
+    model = insert_model(conn, runtime_config={"endpoint": fake_server.url, "model_alias": "fake"})
+    quiet = lifecycle.ensure_runtime(db, model["id"], settings)
+    conn.execute("""INSERT INTO request_queue (request_payload, task_type, status, lease_owner, lease_expires_at,
+                        assigned_model_id, assigned_runtime_id, holds_runtime)
+                    VALUES ('{}', 'conversation', 'processing', 'w', now() + interval '1 minute', %s, %s, true)""",
+                 (model["id"], quiet["id"]))
+    conn.execute("UPDATE container_lifecycle SET active_requests = 3, last_activity = now() - interval '3 hours'"
+                 " WHERE id = %s", (quiet["id"],))
+
+    actions = lifecycle.check_health(db, settings)["actions"]
+
+    assert [(a["runtime_id"], a["action"]) for a in actions] == [(quiet["id"], "recounted")]
+    assert runtime_row(conn, quiet["id"])["active_requests"] == 1
+    # One in use lately is left alone: a request without a holder may still run on it.
+    conn.execute("UPDATE container_lifecycle SET active_requests = 3, last_activity = now() WHERE id = %s",
+                 (quiet["id"],))
+    assert lifecycle.check_health(db, settings)["actions"] == []
+    assert runtime_row(conn, quiet["id"])["active_requests"] == 3
