@@ -70,8 +70,8 @@ class ProblemApi(Api):
 
 
 class JsonBodyParser(FlaskParser):
-    """webargs' parser (bodies are UTF-8 JSON), but JSON nested deeper than Python can read is
-    refused as unreadable (400), not raised as a RecursionError (500)."""
+    """webargs' parser (bodies are UTF-8 JSON), but JSON Python cannot read (nested too deeply, an
+    integer of more than 4,300 digits) is refused as unreadable (400), not raised (500)."""
 
     def _raw_load_json(self, req) -> Any:
         if not is_json_request(req):
@@ -80,6 +80,10 @@ class JsonBodyParser(FlaskParser):
             return json.loads(req.get_data(cache=True).decode())
         except RecursionError:
             raise json.JSONDecodeError("nested too deeply", "<body>", 0) from None
+        except json.JSONDecodeError:
+            raise
+        except ValueError as error:   # int("9" * 5000): Python's limit on integer conversion
+            raise json.JSONDecodeError(str(error), "<body>", 0) from None
 
     def _handle_invalid_json_error(self, error: ValueError, req, *args, **kwargs):
         raise errors.BadRequest(f"The body is not valid JSON: {error}.", errors={"json": ["Invalid JSON body."]})

@@ -18,10 +18,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     from services.common.app import create_service_app
     from services.orchestrator.api import blp as runtimes_blp
     from services.orchestrator.dispatch_api import blp as dispatch_blp
-    from services.orchestrator.front_doors import blp as front_doors_blp
+    from services.orchestrator.front_doors import blp as front_doors_blp, ollama_bodies_as_json
 
     app = create_service_app("orchestrator", "Orchestrator", [runtimes_blp, dispatch_blp, front_doors_blp],
                              test_config, import_name=__name__)
+    app.wsgi_app = ollama_bodies_as_json(app.wsgi_app)
     if app.config.get("RECONCILE_ON_START", True):
         _reconcile_at_start(app)
     return app

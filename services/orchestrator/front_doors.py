@@ -169,7 +169,7 @@ class HeaderComplexity(Complexity):
     """Complexity from a header, where a number arrives as text."""
 
     def _deserialize(self, value, attr, data, **kwargs) -> int:
-        if isinstance(value, str) and value.isascii() and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
             value = int(value)
         return super()._deserialize(value, attr, data, **kwargs)
 
@@ -276,6 +276,16 @@ class OllamaVersion(MethodView):
     def get(self):
         """The Ollama API version this front door speaks."""
         return {"version": OLLAMA_VERSION}
+
+
+def ollama_bodies_as_json(wsgi_app: Callable) -> Callable:
+    """WSGI middleware: the Ollama API reads a body as JSON whatever its Content-Type (its own curl
+    examples send none), so its paths here do too."""
+    def app(environ: dict, start_response: Callable):
+        if environ.get("REQUEST_METHOD") == "POST" and environ.get("PATH_INFO", "").startswith("/api/"):
+            environ["CONTENT_TYPE"] = "application/json"
+        return wsgi_app(environ, start_response)
+    return app
 
 
 # --- shared ----------------------------------------------------------------------------------

@@ -159,6 +159,13 @@ def test_json_nested_too_deeply_to_read_is_a_400(client):
                                    "errors": {"json": ["Invalid JSON body."]}}
 
 
+def test_an_integer_too_long_for_python_to_read_is_a_400(client):
+    response = client().post("/items", data='{"name": "a", "n": ' + "9" * 5000 + "}",
+                             content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json()["detail"].startswith("The body is not valid JSON: Exceeds the limit (4300 digits)")
+
+
 @pytest.mark.parametrize("path", ["/conflict?q=a%00b", "/conflict%00"])
 def test_a_nul_character_in_the_path_or_query_is_a_422(client, path):
     response = client().get(path)

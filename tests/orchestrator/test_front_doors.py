@@ -522,6 +522,20 @@ def test_ollama_streamed_json_that_does_not_validate_says_so_in_its_last_line(di
     assert len(generation_requests(server)) == 2     # one per request: a streamed answer is never repaired
 
 
+def test_ollama_bodies_are_json_whatever_their_content_type(dispatcher, model):
+    """As Ollama's own: its curl examples send no JSON content type."""
+    response = requests.post(f"{dispatcher}/api/chat", data=json.dumps({"model": "auto", "messages": USER,
+                                                                       "stream": False}),
+                             headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert (response.status_code, response.json()["message"]["content"]) == (200, REPLY)
+
+
+def test_a_complexity_header_too_long_to_be_one_is_a_422(gpt, model):
+    with pytest.raises(openai.UnprocessableEntityError):
+        gpt.chat.completions.create(model="auto", messages=USER,
+                                    extra_headers={"X-Dispatch-Complexity": "9" * 5000})
+
+
 def test_ollama_tags_ps_and_version(dispatcher, database, model):
     client = llama(dispatcher)
     assert [(m.model, m.size, m.details.family) for m in client.list().models] == [
