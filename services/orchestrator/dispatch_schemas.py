@@ -10,6 +10,7 @@ from services.common.vocabulary import OUTPUT_FORMATS, TASK_TYPES
 from services.orchestrator.schemas import MessageSchema
 from services.prompt_builder.formats import json_schema_problem
 from services.prompt_builder.templates import EXTRA_VARIABLES
+from services.registry.schemas import WeightsSchema   # the same weights as POST /select
 from services.registry.selection import COMPLEXITY_LEVELS
 
 MODEL_REF = r"^[a-z0-9][a-z0-9._-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?$"
@@ -51,18 +52,6 @@ class Complexity(fields.Field):
 
     def _serialize(self, value, attr, obj, **kwargs):
         return value
-
-
-class WeightsSchema(Schema):
-    speed = fields.Float(validate=validate.Range(0, 1))
-    accuracy = fields.Float(validate=validate.Range(0, 1))
-    memory = fields.Float(validate=validate.Range(0, 1))
-    cost = fields.Float(validate=validate.Range(0, 1))
-
-    @validates_schema
-    def _one_above_zero(self, data: dict, **kwargs) -> None:
-        if data and not any(data.values()):
-            raise ValidationError("At least one weight must be above 0.")
 
 
 class RequirementsSchema(Schema):

@@ -490,6 +490,9 @@ def test_a_pinned_model_skips_selection(client, conn, fake_server):
      {"variables": {"contexte": {"key": ["Must be one of: context, language, labels, examples, history."]}}}),
     (dispatch_body(requirements={"weights": {"speed": 0, "cost": 0}}, **{"async": True}),
      {"requirements": {"weights": {"_schema": ["At least one weight must be above 0."]}}}),
+    # The same weights as POST /select: relative, up to 1000.
+    (dispatch_body(requirements={"weights": {"speed": 1001}}, **{"async": True}),
+     {"requirements": {"weights": {"speed": ["Must be greater than or equal to 0 and less than or equal to 1000."]}}}),
     (dispatch_body(colour="red"), {"colour": ["Unknown field."]}),
     # An entry no model could match would exclude nothing, silently.
     (dispatch_body(requirements={"exclude": ["victim", "Victim:1.0"]}, **{"async": True}),
