@@ -188,6 +188,10 @@ class _Claim:
 
 
 def _claim_and_start(db: Database, model: dict, settings: Settings, *, reuse: bool) -> dict:
+    if model["runtime_driver"] not in settings.runtime_drivers:   # not a passing outage: no 503
+        raise Unprocessable(f"model {_label(model)} runs on the {model['runtime_driver']} runtime driver, which "
+                            f"is not enabled here (RUNTIME_DRIVERS={','.join(settings.runtime_drivers)})",
+                            model_id=str(model["id"]))
     allocation = allocation_for(model, 1.0, settings)
     driver = _driver(model["runtime_driver"], settings)
     claim = _claim(db, model, allocation, settings, driver, reuse=reuse)

@@ -77,14 +77,16 @@ def test_ensure_of_an_unknown_model(client):
     assert response.get_json() == problem(response, 404, f"model {UNKNOWN} does not exist")
 
 
-def test_ensure_on_a_driver_not_enabled_is_503(client, conn):
+def test_ensure_or_generate_on_a_driver_not_enabled_is_a_422_not_an_outage(client, conn):
+    """Not a 503: nothing will change by itself, a client should not retry."""
     model = insert_model(conn, runtime_driver="docker", protocol="ollama", runtime_config={"image": "ollama/ollama"})
+    detail = (f"model {model['name']}:1 runs on the docker runtime driver, which is not enabled here "
+              "(RUNTIME_DRIVERS=process,external)")
 
     response = client.post("/runtimes/ensure", json={"model_id": str(model["id"])})
-
-    assert response.status_code == 503
-    assert response.get_json() == problem(
-        response, 503, "the docker runtime driver is not enabled here (RUNTIME_DRIVERS=process,external)")
+    assert response.get_json() == problem(response, 422, detail, model_id=str(model["id"]))
+    response = client.post("/generate", json={"model_id": str(model["id"]), "prompt": "hi"})
+    assert response.get_json() == problem(response, 422, detail, model_id=str(model["id"]))
 
 
 def test_ensure_that_fails_to_start_is_503_with_the_runtime(client, conn):

@@ -95,11 +95,11 @@ def test_ensure_of_an_unknown_or_inactive_model(db, conn, model, settings):
         lifecycle.ensure_runtime(db, model["id"], settings)
 
 
-def test_a_driver_not_enabled_here_is_unavailable(db, conn, settings):
+def test_a_driver_not_enabled_here_is_unprocessable(db, conn, settings):
     model = insert_model(conn, runtime_driver="docker", protocol="ollama", runtime_config={"image": "ollama/ollama"})
 
-    with pytest.raises(RuntimeUnavailable,
-                       match=r"the docker runtime driver is not enabled here \(RUNTIME_DRIVERS=process,external\)"):
+    with pytest.raises(Unprocessable, match=r"runs on the docker runtime driver, which is not enabled here "
+                                            r"\(RUNTIME_DRIVERS=process,external\)"):
         lifecycle.ensure_runtime(db, model["id"], replace(settings, runtime_drivers=("process", "external")))
 
 
