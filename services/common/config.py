@@ -91,6 +91,46 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        """The settings of the environment; ValueError naming the first variable out of its range."""
+        settings = cls._parse_env()
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse, at start, a value no service could run with (a service would otherwise fail later,
+        on the first request that needs it)."""
+        from services.common.vocabulary import RUNTIME_DRIVERS
+
+        rules = [
+            ("RUNTIME_DRIVERS", set(self.runtime_drivers) <= set(RUNTIME_DRIVERS) and bool(self.runtime_drivers),
+             f"a comma-separated list of {', '.join(RUNTIME_DRIVERS)}"),
+            ("LOG_LEVEL", self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+             "one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+            ("DB_POOL_MAX_SIZE", self.db_pool_max_size >= 1, "at least 1"),
+            ("DB_POOL_MIN_SIZE", 0 <= self.db_pool_min_size <= self.db_pool_max_size, "from 0 to DB_POOL_MAX_SIZE"),
+            ("DB_POOL_TIMEOUT_S", self.db_pool_timeout_s > 0, "above 0"),
+            ("DB_STATEMENT_TIMEOUT_MS", self.db_statement_timeout_ms >= 0, "at least 0 (0: no bound)"),
+            ("MAX_REQUEST_BYTES", self.max_request_bytes >= 1, "at least 1"),
+            ("MAX_PROMPT_CHARS", self.max_prompt_chars >= 1, "at least 1"),
+            ("HTTP_TIMEOUT_S", self.http_timeout_s > 0, "above 0"),
+            ("HTTP_RETRIES", self.http_retries >= 0, "at least 0"),
+            ("HOST_CPU_CORES", self.host_cpu_cores > 0, "above 0"),
+            ("HOST_MEMORY_MB", self.host_memory_mb >= 1, "at least 1"),
+            ("HOST_GPU_COUNT", self.host_gpu_count >= 0, "at least 0"),
+            ("DEFAULT_KEEP_ALIVE_S", self.default_keep_alive_s >= -1, "at least -1 (-1: never stop)"),
+            ("PERFORMANCE_RETENTION_DAYS", self.performance_retention_days >= 1, "at least 1"),
+            ("QUEUE_LEASE_S", self.queue_lease_s > 0, "above 0"),
+            ("QUEUE_LEASE_RENEW_S", 0 < self.queue_lease_renew_s < self.queue_lease_s,
+             "above 0 and below QUEUE_LEASE_S (a lease renewed later than it lapses is lost)"),
+            ("QUEUE_RECLAIM_INTERVAL_S", self.queue_reclaim_interval_s > 0, "above 0"),
+            ("QUEUE_POLL_S", self.queue_poll_s > 0, "above 0"),
+        ]
+        for name, holds, what in rules:
+            if not holds:
+                raise ValueError(f"environment variable {name} must be {what}")
+
+    @classmethod
+    def _parse_env(cls) -> Settings:
         return cls(
             database_url=_env_str("DATABASE_URL", cls.database_url),
             db_pool_min_size=env_int("DB_POOL_MIN_SIZE", cls.db_pool_min_size),

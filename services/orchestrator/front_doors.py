@@ -127,6 +127,8 @@ class ChatCompletionSchema(ChatSchema):
     response_format = fields.Nested(ResponseFormatSchema, allow_none=True)
     tools = fields.List(fields.Raw(), allow_none=True, validate=_none_of("Tools"))
     functions = fields.List(fields.Raw(), allow_none=True, validate=_none_of("Functions"))
+    logprobs = fields.Boolean(allow_none=True, validate=validate.Equal(
+        False, error="Log probabilities are not supported by the dispatcher."))
 
 
 class OllamaOptionsSchema(LenientSchema):
@@ -160,6 +162,11 @@ class OllamaGenerateSchema(LenientSchema):
     prompt = fields.String(required=True, validate=validate.Length(1, 1_000_000))
     system = fields.String(validate=validate.Length(max=100_000))
     images = fields.List(fields.Raw(), allow_none=True, validate=_none_of("Images"))
+    context = fields.List(fields.Raw(), allow_none=True, validate=_none_of("Context tokens"))
+    raw = fields.Boolean(allow_none=True, validate=validate.Equal(
+        False, error="Raw prompts are not supported: the dispatcher always applies its prompt template."))
+    suffix = fields.String(allow_none=True, validate=validate.Length(
+        max=0, error="Fill-in-the-middle (suffix) is not supported by the dispatcher."))
     stream = fields.Boolean(load_default=True)
     format = OllamaFormat(load_default=None, metadata={"description": '"json" or a JSON schema'})
     options = fields.Nested(OllamaOptionsSchema, load_default=dict)

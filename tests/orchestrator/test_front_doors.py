@@ -339,6 +339,14 @@ def test_tools_images_and_several_choices_are_refused_not_dropped(gpt, dispatche
     with pytest.raises(ollama.ResponseError) as caught:
         llama(dispatcher).generate(model="auto", prompt="What is this?", images=["aGVsbG8="])
     assert caught.value.status_code == 422
+    for refused in ({"raw": True}, {"suffix": "return x"}, {"context": [1, 2, 3]}):
+        with pytest.raises(ollama.ResponseError) as caught:
+            llama(dispatcher).generate(model="auto", prompt="def f():", **refused)
+        assert caught.value.status_code == 422, refused
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        gpt.chat.completions.create(model="auto", messages=USER, logprobs=True)
+    assert caught.value.response.json()["errors"] == {"json": {"logprobs": [
+        "Log probabilities are not supported by the dispatcher."]}}
     assert generation_requests(fake) == []
     assert database.execute("SELECT count(*) AS n FROM request_queue").fetchone()["n"] == 0
 
