@@ -43,20 +43,18 @@ def stop_through_orchestrator(url: str) -> bool:
     return stopped
 
 
-def stop_recorded_processes(settings: Settings) -> int:
-    """Stop the model server processes still recorded in RUNTIME_DIR; how many were running."""
+def stop_recorded_processes(settings: Settings) -> None:
+    """Stop the model server processes still recorded in RUNTIME_DIR."""
     if "process" not in settings.runtime_drivers:
-        return 0
+        return
     try:
         driver = driver_for("process", settings)
-        running = [found for found in driver.find_managed() if found.alive]
-        for found in running:
-            driver.stop(found.ref)
-            print(f"stopped model server of runtime {found.runtime_id} ({found.identity}) directly")
+        for found in driver.find_managed():
+            if found.alive:
+                driver.stop(found.ref)
+                print(f"stopped model server of runtime {found.runtime_id} ({found.identity}) directly")
     except DriverError as exc:
         print(f"could not stop recorded model servers: {exc}")
-        return 0
-    return len(running)
 
 
 def main() -> int:
