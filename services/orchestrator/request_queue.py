@@ -281,11 +281,13 @@ def reclaim_expired(conn: psycopg.Connection, *, max_attempts: int) -> list[dict
 def add_feedback(conn: psycopg.Connection, request_id, *, score: float, label: str | None,
                  comment: str | None) -> dict | None:
     """Store a rating of a request's answer against the model that gave it; None if no request with an
-    answer has this id. Processing counts: a sync request's answer is out before its end is recorded."""
+    answer has this id. A sync request still processing counts once a model runs it: its answer is out
+    before its end is recorded. A queued one has no answer until it completes."""
     return conn.execute(
         "INSERT INTO request_feedback (request_id, model_id, score, label, comment)"
         " SELECT id, assigned_model_id, %s, %s, %s FROM request_queue"
-        " WHERE id = %s AND status IN ('processing', 'completed')"
+        " WHERE id = %s AND (status = 'completed'"
+        "                    OR (status = 'processing' AND mode = 'sync' AND assigned_model_id IS NOT NULL))"
         " RETURNING id, request_id, model_id, score::float AS score, label, comment, created_at",
         (score, label, comment, request_id),
     ).fetchone()

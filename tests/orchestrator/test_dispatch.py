@@ -756,14 +756,20 @@ def test_a_request_taken_back_from_its_worker_blames_no_model(client, conn, db, 
 
 
 def test_a_request_without_an_answer_takes_no_feedback(client, conn, fake_server):
-    served_by(conn, fake_server)
+    model = served_by(conn, fake_server)
     pending = client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
     cancelled = client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
     client.delete(f"/requests/{cancelled}")
     fake_server.config.fault = "error"
     failed = client.post("/dispatch", json=dispatch_body(max_retries=0)).headers["X-Request-ID"]
+    # A queued request a worker runs has no answer yet, whatever model its attempt runs on.
+    running = client.post("/dispatch", json=dispatch_body(**{"async": True})).get_json()["request_id"]
+    conn.execute("UPDATE request_queue SET status = 'processing', lease_owner = 'w', attempts = 1,"
+                 " lease_expires_at = now() + interval '1 minute', assigned_model_id = %s WHERE id = %s",
+                 (model["id"], running))
 
-    for request_id, status in ((pending, "pending"), (cancelled, "cancelled"), (failed, "failed")):
+    for request_id, status in ((pending, "pending"), (cancelled, "cancelled"), (failed, "failed"),
+                               (running, "processing")):
         refused = client.post(f"/requests/{request_id}/feedback", json={"score": 0})
         assert (refused.status_code, refused.get_json()["detail"], refused.get_json()["request_status"]) == (
             409, f"Request {request_id} is {status}: it has no answer to rate.", status)
