@@ -84,7 +84,10 @@ class _Targets:
     plan: Plan
     holds_for: HoldsFor
 
-    def __call__(self, rows: list[dict]) -> list[dict]:
+    def __call__(self, rows: list[dict], none_found: str | None = None) -> list[dict]:
+        """The rows the rule holds for; `none_found` is noted when there are no rows at all."""
+        if not rows and none_found:
+            self.plan.skip(None, none_found)
         kept = []
         for row in rows:
             if self.holds_for(str(row["model_id"])):
@@ -154,10 +157,8 @@ def _scale_url(settings: Settings, model_id: str) -> str:
 
 def _plan_scale_up(plan: Plan, targets: _Targets, conn: psycopg.Connection, session: requests.Session,
                    settings: Settings, params: dict, scope: dict, window_seconds: int) -> None:
-    found = queries.scale_up_targets(conn, **scope)
-    if not found:
-        plan.skip(None, "no active model in scope runs or has pending requests assigned to it")
-    for target in targets(found):
+    for target in targets(queries.scale_up_targets(conn, **scope),
+                          "no active model in scope runs or has pending requests assigned to it"):
         current = running_replicas(session, settings, target["model_id"])
         cap = min(params.get("max_replicas") or target["max_replicas"], target["max_replicas"])
         wanted = min(cap, max(current + params["step"], math.ceil(current * params["scale_factor"])))
@@ -170,10 +171,7 @@ def _plan_scale_up(plan: Plan, targets: _Targets, conn: psycopg.Connection, sess
 
 def _plan_scale_down(plan: Plan, targets: _Targets, conn: psycopg.Connection, session: requests.Session,
                      settings: Settings, params: dict, scope: dict, window_seconds: int) -> None:
-    found = queries.scale_down_targets(conn, **scope)
-    if not found:
-        plan.skip(None, "no model in scope has running runtimes")
-    for target in targets(found):
+    for target in targets(queries.scale_down_targets(conn, **scope), "no model in scope has running runtimes"):
         if target["idle_seconds"] < params["idle_threshold_seconds"]:
             plan.skip(target["model_id"], f"active {target['idle_seconds']:.0f}s ago, under the idle "
                                           f"threshold of {params['idle_threshold_seconds']}s")
@@ -216,10 +214,8 @@ def _plan_switch_model(plan: Plan, targets: _Targets, conn: psycopg.Connection, 
 
 def _plan_adjust_resources(plan: Plan, targets: _Targets, conn: psycopg.Connection, session: requests.Session,
                            settings: Settings, params: dict, scope: dict, window_seconds: int) -> None:
-    models = queries.models_with_logs(conn, window_seconds=window_seconds, **scope)
-    if not models:
-        plan.skip(None, "no model in scope has performance data in the window")
-    for model in targets(models):
+    for model in targets(queries.models_with_logs(conn, window_seconds=window_seconds, **scope),
+                         "no model in scope has performance data in the window"):
         old = {"base_cpu_requirement": model["base_cpu_requirement"],
                "base_memory_requirement": model["base_memory_requirement"]}
         new = {
